@@ -1,0 +1,1 @@
+"""Figures and pages that show results: FRC plots, montages, the HTML report."""
