@@ -6,6 +6,8 @@ import io
 import json
 import os
 import pickle
+import shutil
+import subprocess
 from pathlib import Path
 
 import mrcfile
@@ -373,6 +375,29 @@ def test_star_relative_paths_resolve_against_star_folder(tmp_path: Path, monkeyp
     assert list(src.metadata["rlnImageName"]) == names
 
 
+def test_star_in_relion_project_resolves_against_project_folder(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """RELION names stacks relative to the project folder, not the STAR's job folder."""
+    imgs = _stack(3)
+    proj = tmp_path / "proj"
+    (proj / "Extract" / "job007" / "Movies").mkdir(parents=True)
+    write_mrcs(proj / "Extract" / "job007" / "Movies" / "m1.mrcs", imgs, 1.5)
+    star = proj / "Select" / "job009" / "particles.star"
+    names = image_names(3, "Extract/job007/Movies/m1.mrcs")
+    write_star(star, pd.DataFrame({"rlnImageName": names}), make_optics_table(1.5, BOX))
+    monkeypatch.chdir(tmp_path)
+    src = open_source(star)
+    assert src.stack_paths == [proj / "Extract" / "job007" / "Movies" / "m1.mrcs"]
+    np.testing.assert_array_equal(src.images([2, 0]), imgs[[2, 0]])
+    # a STAR outside the project that names stacks relative to the folder RELION runs in
+    outside = tmp_path / "exports" / "sel.star"
+    write_star(outside, pd.DataFrame({"rlnImageName": ["2@Extract/job007/Movies/m1.mrcs"]}),
+               make_optics_table(1.5, BOX))
+    monkeypatch.chdir(proj)
+    np.testing.assert_array_equal(open_source(outside).images(0), imgs[1:2])
+
+
 def test_star_referencing_two_stacks(tmp_path: Path) -> None:
     a, b = _stack(3, seed=1), _stack(4, seed=2)
     write_mrcs(tmp_path / "a.mrcs", a, 2.0)
@@ -435,3 +460,24 @@ def test_header_variants_read_like_mrcfile(tmp_path: Path) -> None:
     info = read_mrc_info(bare)
     assert (info.n, info.box, info.pixel_size) == (3, BOX, 1.5)
     np.testing.assert_array_equal(open_source(bare).images(slice(None)), imgs)
+
+
+@pytest.mark.skipif(shutil.which("relion_stack_create") is None, reason="RELION is not installed")
+def test_relion_reads_what_we_write(tmp_path: Path) -> None:
+    """RELION 3.1 parses our STAR, finds our stack and copies the same pixels out of it."""
+    imgs = _stack(5)
+    write_mrcs(tmp_path / "stacks" / "p.mrcs", imgs, 1.25)
+    parts = _particles(5, stack="stacks/p.mrcs")
+    write_star(tmp_path / "p.star", parts, make_optics_table(1.25, BOX))
+    run = subprocess.run(
+        ["relion_stack_create", "--i", "p.star", "--o", "restack"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    with mrcfile.open(tmp_path / "restack.mrcs") as m:
+        np.testing.assert_array_equal(m.data, imgs)
+    # ...and we read RELION's own 3.1 output back (its stack header carries no voxel size)
+    back = open_source(tmp_path / "restack.star")
+    assert back.pixel_size == 1.25
+    np.testing.assert_array_equal(back.images(slice(None)), imgs)
+    np.testing.assert_allclose(back.metadata["rlnAngleTilt"], 123.456789, atol=1e-6)

@@ -33,9 +33,10 @@ def cli(verbose: int, quiet: bool) -> None:
 
 
 def _register() -> None:
-    from cryosift.cli import demo, evaluate, simulate
+    from cryosift.cli import bench, demo, evaluate, simulate
+    from cryosift.cli import filter as filter_cli
 
-    for module in (simulate, evaluate, demo):
+    for module in (simulate, filter_cli, evaluate, bench, demo):
         cli.add_command(module.command)
 
 
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=argv, prog_name="cryosift", standalone_mode=False)
     except CryosiftError as exc:
-        click.echo(f"cryosift: error: {exc}", err=True)
+        click.echo("cryosift: error: " + " ".join(str(exc).split()), err=True)  # one line
         return 2
     except click.exceptions.Abort:
         click.echo("cryosift: aborted", err=True)

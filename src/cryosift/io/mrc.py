@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+import mmap
 import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import BinaryIO
 
 import mrcfile
 import numpy as np
@@ -186,6 +188,20 @@ def memmap_stack(path: str | Path, info: MrcInfo) -> np.memmap:
     )
 
 
+def drop_pages(array: np.ndarray) -> None:
+    """Tell the kernel this process no longer needs the pages of a read-only memory map.
+
+    Pages already read stay in the page cache (a re-read is cheap) but leave this process's
+    resident set, so streaming through a stack keeps RSS at one chunk instead of the file size.
+    A no-op for ordinary arrays and where madvise is unavailable.
+    """
+    mm = getattr(array, "_mmap", None)
+    if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    with contextlib.suppress(OSError, ValueError):
+        mm.madvise(mmap.MADV_DONTNEED)
+
+
 def open_mrc_stack(path: str | Path) -> tuple[np.memmap, MrcInfo]:
     """Validate ``path`` and memory-map it as an (N, H, W) stack (a 2D image gives N = 1).
 
@@ -225,6 +241,15 @@ def write_mrcs(path: str | Path, images: np.ndarray, pixel_size: float) -> None:
         mrc.set_image_stack()
         mrc.voxel_size = px
         mrc.update_header_stats()
+        _label(mrc)
+
+
+def _label(mrc: mrcfile.mrcobject.MrcObject) -> None:
+    """One fixed header label instead of mrcfile's timestamped one: same input, same bytes."""
+    from cryosift import __version__
+
+    mrc.header.label[0] = f"cryosift {__version__}".encode()[:80]
+    mrc.header.nlabl = 1
 
 
 class MrcsWriter:
@@ -236,10 +261,10 @@ class MrcsWriter:
             for start, chunk in src.chunks(256):
                 w.write(start, denoise(chunk))   # or w.append(...)
 
-    The data go to a hidden memory-mapped temporary file; on normal exit the writer checks that
-    every image was written exactly once, stores min/max/mean/rms accumulated from the chunks
-    (the file is not re-read), and renames the file onto ``path``. On an exception the temporary
-    file is deleted and any previous file at ``path`` is left as it was.
+    The data go to a hidden temporary file (positioned writes, not a shared mapping); on normal
+    exit the writer checks that every image was written exactly once, stores min/max/mean/rms
+    accumulated from the chunks (the file is not re-read), and renames the file onto ``path``.
+    On an exception the temporary file is deleted and any previous file at ``path`` is kept.
     """
 
     def __init__(self, path: str | Path, n: int, box: int, pixel_size: float) -> None:
@@ -249,7 +274,8 @@ class MrcsWriter:
         self.n = int(n)
         self.box = int(box)
         self.pixel_size = _check_pixel_size(pixel_size)
-        self._mrc: mrcfile.mrcmemmap.MrcMemmap | None = None
+        self._mrc: BinaryIO | None = None
+        self._offset = 1024
         self._tmp: Path | None = None
         self._written = np.zeros(0, dtype=bool)
         self._next = 0
@@ -264,10 +290,15 @@ class MrcsWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = temp_path_for(self.path)
         try:
+            # mrcfile lays out the header and sizes the (sparse) file; the data then go in with
+            # plain positioned writes, so written pages never count in this process's RSS.
             mrc = mrcfile.new_mmap(self._tmp, shape=(self.n, self.box, self.box), mrc_mode=2)
-            self._mrc = mrc
             mrc.set_image_stack()
             mrc.voxel_size = self.pixel_size
+            _label(mrc)
+            self._offset = int(mrc.header.nbytes + mrc.extended_header.nbytes)
+            mrc.close()
+            self._mrc = open(self._tmp, "r+b")  # noqa: SIM115 - closed in _finish/_abort
         except BaseException:
             self._abort()
             raise
@@ -299,7 +330,8 @@ class MrcsWriter:
             first = start + int(np.argmax(self._written[start:stop]))
             raise ValueError(f"image {first} was already written; each image is written once")
         arr = np.asarray(arr, dtype=np.float32)
-        self._mrc.data[start:stop] = arr
+        self._mrc.seek(self._offset + start * self.box * self.box * 4)
+        self._mrc.write(np.ascontiguousarray(arr, dtype="<f4").tobytes())
         self._written[start:stop] = True
         self._next = stop
         self._update_stats(arr)
@@ -349,14 +381,14 @@ class MrcsWriter:
                 f"{self.path}: only {done} of {self.n} images were written "
                 f"(first missing: {missing}); nothing was saved"
             )
-        hdr = self._mrc.header
-        hdr.dmin = np.float32(self._min)
-        hdr.dmax = np.float32(self._max)
-        hdr.dmean = np.float32(self._mean)
-        hdr.rms = np.float32(math.sqrt(max(self._m2, 0.0) / self._count))
-        self._mrc.flush()
         self._mrc.close()
         self._mrc = None
+        with mrcfile.mmap(self._tmp, mode="r+") as mrc:  # maps, touches only the header
+            hdr = mrc.header
+            hdr.dmin = np.float32(self._min)
+            hdr.dmax = np.float32(self._max)
+            hdr.dmean = np.float32(self._mean)
+            hdr.rms = np.float32(math.sqrt(max(self._m2, 0.0) / self._count))
         os.replace(self._tmp, self.path)
         self._tmp = None
 

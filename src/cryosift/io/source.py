@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -23,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from cryosift.errors import InputError
-from cryosift.io.mrc import MrcInfo, memmap_stack, read_mrc_info
+from cryosift.io.mrc import MrcInfo, drop_pages, memmap_stack, read_mrc_info
 from cryosift.io.star import ParticleTable, pixel_size_of, read_star, split_image_names
 
 __all__ = [
@@ -141,7 +142,14 @@ class ImageSource(ABC):
         if int(chunk_size) <= 0:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         for start in range(0, self.n_images, int(chunk_size)):
-            yield start, self.images(slice(start, start + int(chunk_size)))
+            chunk = self.images(slice(start, start + int(chunk_size)))
+            self.release_pages()
+            yield start, chunk
+
+    def release_pages(self) -> None:
+        """Drop memory-mapped pages read so far from this process's resident set (see
+        :func:`cryosift.io.mrc.drop_pages`); streaming stays at one chunk of RSS."""
+        return None  # in-memory sources hold nothing to release
 
     def __iter__(self) -> Iterator[np.ndarray]:
         """Iterate image by image (each a (box, box) float32 array)."""
@@ -242,6 +250,10 @@ class MrcStackSource(ImageSource):
     def _locate(self, i: int) -> tuple[Path | None, str]:
         return self.path, f"image {i + 1}"
 
+    def release_pages(self) -> None:
+        if self._data is not None:
+            drop_pages(self._data)
+
     def close(self) -> None:
         """Drop the memory map (it is reopened if the source is used again)."""
         self._data = None
@@ -255,7 +267,8 @@ class MrcStackSource(ImageSource):
 class StarSource(ImageSource):
     """Particles of a RELION STAR file, read from the stacks that ``rlnImageName`` points at.
 
-    ``index@path`` names are resolved against the STAR file's folder unless absolute; several
+    ``index@path`` names are resolved against the STAR file's folder unless absolute (falling
+    back to its parent folders and the current folder, where RELION projects keep them); several
     stacks per STAR are fine. At open, every distinct stack is validated once (exists, valid MRC),
     every index checked against its stack's size, and all boxes must agree. Reads group the
     requested particles by stack (one fancy-index per stack) and return them in the order asked.
@@ -275,11 +288,8 @@ class StarSource(ImageSource):
             raise InputError("holds no particles (empty particle table)", self.path)
         index, names = split_image_names(parts["rlnImageName"], self.path)
         codes, uniques = pd.factorize(names, sort=False)
-        star_dir = self.path.parent
         self.stack_names: list[str] = [str(u) for u in uniques]
-        self.stack_paths: list[Path] = [
-            p if p.is_absolute() else star_dir / p for p in map(Path, self.stack_names)
-        ]
+        self.stack_paths: list[Path] = [self._resolve(name) for name in self.stack_names]
         self.stack_infos: list[MrcInfo] = [
             self._stack_info(name, p)
             for name, p in zip(self.stack_names, self.stack_paths, strict=True)
@@ -308,11 +318,31 @@ class StarSource(ImageSource):
         self.max_open_files = max(1, int(max_open_files))
         self._open: OrderedDict[int, np.memmap] = OrderedDict()
 
+    def _resolve(self, name: str) -> Path:
+        """Where stack ``name`` lives: absolute as given, else relative to the STAR's folder.
+
+        If it is not there, the STAR's parent folders and then the current folder are tried:
+        RELION writes names relative to its project folder (``Extract/job012/...`` inside
+        ``Select/job020/particles.star``), which is an ancestor of the STAR's folder or the
+        folder RELION runs in.
+        """
+        p = Path(name)
+        if p.is_absolute():
+            return p
+        primary = self.path.parent / p
+        if primary.exists():
+            return primary
+        for base in (*Path(os.path.abspath(self.path.parent)).parents, Path.cwd()):
+            if (base / p).exists():
+                return base / p
+        return primary
+
     def _stack_info(self, name: str, path: Path) -> MrcInfo:
         """Validate one referenced stack; errors name the STAR file and the stack."""
         if not path.exists():
             raise InputError(
-                f"references image stack '{name}', which does not exist (looked for {path})",
+                f"references image stack '{name}', which does not exist (looked for {path}, "
+                "then in the STAR's parent folders and the current folder)",
                 self.path,
             )
         try:
@@ -346,6 +376,10 @@ class StarSource(ImageSource):
                 f"stacks hold {self.box} px images",
                 self.path,
             )
+
+    def release_pages(self) -> None:
+        for mm in self._open.values():
+            drop_pages(mm)
 
     def _memmap(self, f: int) -> np.memmap:
         """Memory map of stack ``f``, through a small LRU cache of open files."""

@@ -34,9 +34,11 @@ def matrix_to_euler(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     tilt = np.arctan2(sb, m[:, 2, 2])
     regular = sb > 16 * np.finfo(np.float64).eps
     rot = np.where(regular, np.arctan2(m[:, 2, 1], m[:, 2, 0]), 0.0)
-    psi = np.where(
-        regular, np.arctan2(m[:, 1, 2], -m[:, 0, 2]), np.arctan2(-m[:, 1, 0], m[:, 0, 0])
+    # Gimbal lock (tilt 0 or 180): rot = 0 and psi carries the whole in-plane angle.
+    locked = np.where(
+        m[:, 2, 2] > 0, np.arctan2(-m[:, 1, 0], m[:, 0, 0]), np.arctan2(m[:, 1, 0], -m[:, 0, 0])
     )
+    psi = np.where(regular, np.arctan2(m[:, 1, 2], -m[:, 0, 2]), locked)
     return np.rad2deg(rot), np.rad2deg(tilt), np.rad2deg(psi)
 
 

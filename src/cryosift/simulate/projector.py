@@ -71,11 +71,11 @@ class FourierProjector:
         self._dims = (size + 1, size + 1, half + 2)
         self._table = torch.view_as_real(table).contiguous().to(self.device)  # (cells, 8, 2)
         kx, ky = rfft_frequencies(n, self.device)
-        inside = (kx**2 + ky**2) <= (n / 2) ** 2
+        inside = (kx**2 + ky**2) < (n / 2) ** 2  # strict: the Nyquist ring has no +/- pair
         self._where = torch.nonzero(inside.reshape(-1)).squeeze(1)
-        self._k = torch.stack(
-            [kx[inside], ky[inside], torch.zeros_like(kx[inside])], dim=-1
-        ).float()
+        # (3, M0): x, y, z of the sampled frequencies, pre-scaled to padded-grid units.
+        k = torch.stack([kx[inside], ky[inside], torch.zeros_like(kx[inside])]).float()
+        self._k = (k * pad).contiguous()
 
     def slices(self, rotations: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Fourier transforms of projections for (B, 3, 3) rotations: (B, n, n//2+1) complex64.
@@ -85,25 +85,28 @@ class FourierProjector:
         """
         a = torch.as_tensor(rotations, dtype=torch.float32, device=self.device).reshape(-1, 3, 3)
         b = a.shape[0]
-        pts = torch.matmul(self._k, a).reshape(-1, 3) * self.pad  # A^T k in padded-grid units
-        flip = pts[:, 0] < 0
-        pts = torch.where(flip[:, None], -pts, pts)
+        # A^T k for every image, laid out as three contiguous rows (x, y, z) of B*M0 values.
+        x, y, z = torch.matmul(a.transpose(1, 2), self._k).transpose(0, 1).reshape(3, -1)
+        flip = x < 0  # read the conjugate at -k: only kx >= 0 is stored
         half = self.size // 2
-        pts[:, 1:] += half
-        lo = pts.floor().clamp_(min=0)
-        lo[:, 1:].clamp_(max=self.size)
-        lo[:, 0].clamp_(max=half)
-        w = pts - lo
-        lo = lo.long()
-        cell = (lo[:, 2] * self._dims[1] + lo[:, 1]) * self._dims[2] + lo[:, 0]
+        sign = 1.0 - 2.0 * flip.float()
+        x = x * sign
+        y = y * sign + half
+        z = z * sign + half
+        xl = x.floor().clamp_(0, half)
+        yl = y.floor().clamp_(0, self.size)
+        zl = z.floor().clamp_(0, self.size)
+        wx, wy, wz = x - xl, y - yl, z - zl
+        cell = (zl.long() * self._dims[1] + yl.long()) * self._dims[2] + xl.long()
         vals = self._table.index_select(0, cell)  # (M, 8, 2), corners ordered z, y, x
-        w1 = 1.0 - w
-        wzy = torch.stack(
-            [w1[:, 2] * w1[:, 1], w1[:, 2] * w[:, 1], w[:, 2] * w1[:, 1], w[:, 2] * w[:, 1]], 1
-        )
-        wts = (wzy[:, :, None] * torch.stack([w1[:, 0], w[:, 0]], 1)[:, None, :]).reshape(-1, 1, 8)
-        re_im = torch.bmm(wts, vals).squeeze(1)
-        re_im[:, 1] = torch.where(flip, -re_im[:, 1], re_im[:, 1])
+        # Trilinear weights, contracted in two small batched products: over (z, y), then x.
+        vy, vz = 1.0 - wy, 1.0 - wz
+        wzy = torch.stack([vz * vy, vz * wy, wz * vy, wz * wy], 1)
+        wxx = torch.stack([1.0 - wx, wx], 1)
+        m = vals.shape[0]
+        re_im = torch.bmm(wzy[:, None, :], vals.view(m, 4, 4)).view(m, 2, 2)
+        re_im = torch.bmm(wxx[:, None, :], re_im).squeeze(1)
+        re_im[:, 1] *= sign
         out = torch.zeros(b, self.n * (self.n // 2 + 1), dtype=torch.complex64, device=self.device)
         out[:, self._where] = torch.view_as_complex(re_im.contiguous()).reshape(b, -1)
         return out.reshape(b, self.n, self.n // 2 + 1)

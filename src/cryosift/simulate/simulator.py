@@ -13,6 +13,7 @@ Outputs are assembled in a hidden staging folder and moved into place only when 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import shutil
@@ -21,7 +22,6 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import mrcfile
 import numpy as np
 import pandas as pd
 import torch
@@ -29,6 +29,7 @@ import torch
 from cryosift.errors import CryosiftError, InputError
 from cryosift.io.atomic import atomic_write_json
 from cryosift.io.mrc import MrcsWriter
+from cryosift.io.source import MrcStackSource
 from cryosift.io.star import image_names, make_optics_table, write_star
 from cryosift.progress import progress
 from cryosift.provenance import provenance_record
@@ -43,7 +44,6 @@ from cryosift.simulate.projector import (
     FourierProjector,
     rfft_frequencies,
     shift_phase,
-    slices_to_images,
 )
 from cryosift.simulate.structure import (
     Volume,
@@ -144,11 +144,39 @@ class SimulationResult:
     extra: dict = field(default_factory=dict)
 
 
-def load_structure(path: str | Path, pixel_size: float | None, field_size_for) -> Volume:
-    """Atomic model or density map -> volume at the simulation pixel size.
+def field_size(radius: float, pixel_size: float, box: int, max_shift: float = 0.0) -> int:
+    """The square field projections are formed in before the box is cropped out of it.
 
-    `field_size_for(radius_A, pixel_size)` gives the cube size the structure needs.
+    Fourier-space imaging is periodic: content beyond the field's edge wraps to the opposite
+    side. With the structure's projection reaching r px (plus the largest shift) from the centre,
+    wrapped content stays outside the central box as long as field > r + box/2 (plus a margin).
     """
+    need = int(math.ceil(radius / pixel_size + max_shift + box / 2.0)) + 2
+    return max(box, need + need % 2)
+
+
+def check_fits(radius: float, pixel_size: float, box: int, path: str | Path) -> None:
+    """Refuse a box far too small for the structure (diameter over twice the box); warn when
+    some views will be cropped (radius beyond half the box)."""
+    if radius > box * pixel_size:
+        raise InputError(
+            f"box of {box} px at {pixel_size:.3g} Å/px ({box * pixel_size:.0f} Å) is too small for "
+            f"a structure of radius {radius:.0f} Å; use a larger --box or --pixel-size",
+            path,
+        )
+    if radius > box * pixel_size / 2.0:
+        log.warning(
+            "structure radius %.0f Å exceeds half the box (%.0f Å): some views will be cropped",
+            radius,
+            box * pixel_size / 2.0,
+        )
+
+
+def load_structure(
+    path: str | Path, pixel_size: float | None, box: int, max_shift: float = 0.0
+) -> Volume:
+    """Atomic model or density map -> volume at the simulation pixel size, in a field large
+    enough for `box` px images (checked to fit before any volume is computed)."""
     path = Path(path)
     if not path.exists():
         raise InputError("structure file not found", path)
@@ -156,25 +184,23 @@ def load_structure(path: str | Path, pixel_size: float | None, field_size_for) -
         if pixel_size is None:
             raise CryosiftError("--pixel-size is required for an atomic model")
         model = load_atomic_model(path)
-        size = field_size_for(model.radius, pixel_size)
-        return model_to_volume(model, pixel_size, size)
+        check_fits(model.radius, pixel_size, box, path)
+        return model_to_volume(
+            model, pixel_size, field_size(model.radius, pixel_size, box, max_shift)
+        )
     if is_density_map(path):
         vol = load_density_map(path, pixel_size)
-        return pad_volume(vol, max(vol.size, field_size_for(vol.radius, vol.pixel_size)))
+        check_fits(vol.radius, vol.pixel_size, box, path)
+        size = field_size(vol.radius, vol.pixel_size, box, max_shift)
+        return pad_volume(vol, max(vol.size, size))
     raise InputError(
         "unknown structure format (expected .pdb/.cif[.gz] atomic model or .mrc/.map density)", path
     )
 
 
-def _field_size(box: int):
-    def size_for(radius: float, pixel_size: float) -> int:
-        need = int(math.ceil(2.0 * radius / pixel_size)) + 4
-        return max(box, need + need % 2)
-
-    return size_for
-
-
-def _draw_parameters(cfg: SimulationConfig, rng: np.random.Generator) -> pd.DataFrame:
+def _draw_parameters(
+    cfg: SimulationConfig, rng: np.random.Generator, pixel_size: float
+) -> pd.DataFrame:
     """Per-image ground truth, drawn up front (a few floats per image)."""
     n = cfg.n_images
     is_particle = rng.random(n) >= cfg.junk_fraction
@@ -204,8 +230,8 @@ def _draw_parameters(cfg: SimulationConfig, rng: np.random.Generator) -> pd.Data
             "rlnAngleRot": angles[:, 0],
             "rlnAngleTilt": angles[:, 1],
             "rlnAnglePsi": angles[:, 2],
-            "rlnOriginXAngst": -shift[:, 0],
-            "rlnOriginYAngst": -shift[:, 1],
+            "rlnOriginXAngst": -shift[:, 0] * pixel_size,  # RELION: the shift that recentres
+            "rlnOriginYAngst": -shift[:, 1] * pixel_size,
             "rlnDefocusU": df + astig / 2,
             "rlnDefocusV": df - astig / 2,
             "rlnDefocusAngle": rng.uniform(0.0, 180.0, n),
@@ -231,6 +257,9 @@ class _ImageFormer:
         self.field, self.box, self.cfg = field, box, cfg
         kx, ky = rfft_frequencies(field, device)
         self.kx, self.ky = kx / (field * pixel_size), ky / (field * pixel_size)
+        # (-1)^(kx+ky) moves the origin from pixel 0 to the field centre (the fftshift), folded
+        # into the spectrum so the box is cropped straight from the inverse transform.
+        self.centre = (1.0 - 2.0 * ((kx + ky).abs().long() % 2)).to(torch.float32)
         self.optics = Optics(cfg.voltage, cfg.cs, cfg.amplitude_contrast)
         self.pixel_size = pixel_size
         self.device = device
@@ -261,7 +290,7 @@ class _ImageFormer:
                 self.optics,
                 bfactor=col("rlnCtfBfactor"),
             )
-        img = slices_to_images(spectra, self.field)
+        img = torch.fft.irfft2(spectra * self.centre, s=(self.field, self.field))
         lo = self.field // 2 - self.box // 2
         return img[:, lo : lo + self.box, lo : lo + self.box]
 
@@ -280,33 +309,19 @@ def simulate(
     device = torch.device(device)
     out_dir = Path(out_dir)
     structure = Path(structure)
-    size_for = _field_size(cfg.box)
-    vol = load_structure(structure, cfg.pixel_size, size_for)
+    vol = load_structure(structure, cfg.pixel_size, cfg.box, cfg.max_shift)
     pixel_size = vol.pixel_size
-    if vol.radius > cfg.box * pixel_size:
-        raise InputError(
-            f"box of {cfg.box} px at {pixel_size:.3g} Å/px ({cfg.box * pixel_size:.0f} Å) is too "
-            "small "
-            f"for a structure of radius {vol.radius:.0f} Å; use a larger --box or --pixel-size",
-            structure,
-        )
-    if vol.radius > cfg.box * pixel_size / 2.0:
-        log.warning(
-            "structure radius %.0f Å exceeds half the box (%.0f Å): some views will be cropped",
-            vol.radius,
-            cfg.box * pixel_size / 2.0,
-        )
-    field_size = vol.size
+    field = vol.size
     projector = FourierProjector(vol.data, device=device)
     frag_projector = projector
     if junk_structure is not None and cfg.junk_fraction > 0 and "fragment" in cfg.junk_types:
-        jvol = load_structure(junk_structure, pixel_size, size_for)
-        jvol = pad_volume(jvol, field_size)
+        jvol = pad_volume(load_structure(junk_structure, pixel_size, cfg.box), field)
         frag_projector = FourierProjector(jvol.data, device=device)
     radius_px = vol.radius / pixel_size
+    setup_seconds = time.time() - t0
 
     rng = np.random.default_rng(cfg.seed)
-    params = _draw_parameters(cfg, rng)
+    params = _draw_parameters(cfg, rng, pixel_size)
     if not cfg.ctf:
         params = params.drop(
             columns=[
@@ -318,12 +333,14 @@ def simulate(
                 "rlnPhaseShift",
             ]
         )
-    former = _ImageFormer(field_size, cfg.box, pixel_size, cfg, device)
+    former = _ImageFormer(field, cfg.box, pixel_size, cfg, device)
 
     # Reference signal level for scaling junk: a pilot of particle images drawn like the stack.
     pilot_rng = np.random.default_rng([cfg.seed, 7])
     pilot = _draw_parameters(
-        SimulationConfig(**{**asdict(cfg), "n_images": 64, "junk_fraction": 0.0}), pilot_rng
+        SimulationConfig(**{**asdict(cfg), "n_images": 64, "junk_fraction": 0.0}),
+        pilot_rng,
+        pixel_size,
     )
     pilot_img = former(projector.slices(_rotations(pilot)), pilot, shift=True)
     ref_var = float(pilot_img.var(dim=(-2, -1)).mean())
@@ -392,10 +409,11 @@ def simulate(
             measured_snr=measured_snr,
             signal_variance=signal_var,
             noise_sigma=sigma,
-            field_size=field_size,
+            field_size=field,
             structure_radius_A=vol.radius,
             n_particles=int(is_p.sum()),
             seconds=seconds,
+            setup_seconds=setup_seconds,
             snr_convention="mean over particle images of var(clean image over the whole box)"
             " / noise variance",
         )
@@ -480,35 +498,26 @@ def _add_noise(
     """Second pass: noisy copies of the clean stack. Returns the realised noise variance."""
     outputs = ["particles.mrcs"] + (["particles_b.mrcs"] if cfg.pairs else [])
     total, count = 0.0, 0
-    with mrcfile.mmap(str(clean_path), mode="r") as clean_mrc:
-        clean = clean_mrc.data
+    clean = MrcStackSource(clean_path)
+    with contextlib.ExitStack() as stack:
         writers = [
-            MrcsWriter(staging / name, cfg.n_images, cfg.box, pixel_size) for name in outputs
+            stack.enter_context(MrcsWriter(staging / name, cfg.n_images, cfg.box, pixel_size))
+            for name in outputs
         ]
-        for w in writers:
-            w.__enter__()
-        try:
-            chunks = range(0, cfg.n_images, cfg.chunk_size)
-            for ci, start in enumerate(
-                progress(chunks, total=len(chunks), desc="adding noise", unit="chunk")
-            ):
-                stop = min(start + cfg.chunk_size, cfg.n_images)
-                img = torch.from_numpy(np.array(clean[start:stop], dtype=np.float32))
-                for k, w in enumerate(writers):
-                    gen = torch.Generator().manual_seed(
-                        int(np.random.SeedSequence([cfg.seed, 3 + k, ci]).generate_state(1)[0])
-                    )
-                    noise = _noise(img, cfg, sigma, signal_var, pixel_size, gen)
-                    if k == 0:
-                        total += float(noise.double().pow(2).sum())
-                        count += noise.numel()
-                    w.append((img + noise).numpy())
-        except BaseException as exc:
-            for w in writers:
-                w.__exit__(type(exc), exc, exc.__traceback__)
-            raise
-        for w in writers:
-            w.__exit__(None, None, None)
+        n_chunks = -(-cfg.n_images // cfg.chunk_size)
+        stream = progress(
+            clean.chunks(cfg.chunk_size), total=n_chunks, desc="adding noise", unit="chunk"
+        )
+        for ci, (_, chunk) in enumerate(stream):
+            img = torch.from_numpy(chunk)
+            for k, w in enumerate(writers):
+                seed = np.random.SeedSequence([cfg.seed, 3 + k, ci]).generate_state(1)[0]
+                gen = torch.Generator().manual_seed(int(seed))
+                noise = _noise(img, cfg, sigma, signal_var, pixel_size, gen)
+                if k == 0:
+                    total += float(noise.double().pow(2).sum())
+                    count += noise.numel()
+                w.append((img + noise).numpy())
     return total / count
 
 

@@ -10,6 +10,7 @@ Volumes are float32 arrays indexed [z, y, x].
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,7 +108,7 @@ def fourier_crop(volume: np.ndarray, size: int) -> np.ndarray:
     import torch
 
     n = volume.shape[0]
-    vol = torch.as_tensor(np.asarray(volume, dtype=np.float32))
+    vol = torch.from_numpy(np.array(volume, dtype=np.float32, order="C"))
     if n == size:
         return vol.numpy().copy()
     ft = torch.fft.rfftn(torch.fft.ifftshift(vol))
@@ -142,18 +143,22 @@ def model_to_volume(
     st[0].transform_pos_and_adp(gemmi.Transform(gemmi.Mat33(), shift))
     dc = gemmi.DensityCalculatorE()
     dc.d_min = 2.0 * pixel_size / oversample
+    dc.rate = 1.0  # grid spacing d_min / (2 rate) = pixel_size / oversample
     dc.blur = float(bfactor)
     dc.grid.set_unit_cell(st.cell)
     dc.grid.set_size(fine, fine, fine)
     dc.put_model_density_on_grid(st[0])
-    grid = np.array(dc.grid, copy=False)  # indexed [x, y, z]
+    grid = np.array(dc.grid, copy=False)  # indexed [x, y, z], spacing side / grid size
+    if len(set(grid.shape)) != 1:
+        raise RuntimeError(f"gemmi returned a non-cubic grid {grid.shape}")
     data = fourier_crop(grid.transpose(2, 1, 0), size)
     del dc
     return Volume(data=data, pixel_size=pixel_size, radius=model.radius, source=model.path)
 
 
 def load_density_map(path: str | Path, pixel_size: float | None = None) -> Volume:
-    """Read a density map, resampled (Fourier) to `pixel_size` when that differs from the map's."""
+    """Read a cubic density map, resampled to exactly `pixel_size` when that differs from the
+    map's voxel size (see resample_volume)."""
     import mrcfile
 
     path = Path(path)
@@ -173,19 +178,45 @@ def load_density_map(path: str | Path, pixel_size: float | None = None) -> Volum
         if pixel_size is None:
             raise InputError("density map has no voxel size in its header; pass --pixel-size", path)
         voxel = pixel_size
-    n = data.shape[0]
-    if pixel_size is not None and abs(pixel_size - voxel) > 1e-4 * voxel:
-        new = int(round(n * voxel / pixel_size))
-        new += new % 2
-        data = fourier_crop(data, new)
-        n = new
-    else:
+    if pixel_size is None or abs(pixel_size - voxel) <= 1e-4 * voxel:
         pixel_size = voxel
-        if n % 2:
-            data = np.pad(data, ((0, 1),) * 3)
-            n += 1
+    data = resample_volume(data, voxel, pixel_size)
     radius = _map_radius(data) * pixel_size
     return Volume(data=data, pixel_size=float(pixel_size), radius=radius, source=str(path))
+
+
+def resample_volume(data: np.ndarray, voxel: float, pixel_size: float) -> np.ndarray:
+    """Resample a cubic [z,y,x] map from `voxel` to exactly `pixel_size` Å, even-sized output.
+
+    The old centre voxel n//2 stays the physical centre (new voxel m//2). When the new size is
+    an exact even integer, Fourier cropping/padding does it exactly. Otherwise downsampling first
+    removes frequencies beyond the new Nyquist (Fourier mask) so nothing aliases, and values come
+    from cubic-spline interpolation at the new grid points. Equal sizes and pixel sizes return
+    the map unchanged (odd sizes padded by one leading voxel, keeping the centre).
+    """
+    from scipy import ndimage
+
+    n = data.shape[0]
+    if abs(pixel_size - voxel) <= 1e-6 * voxel:
+        if n % 2:
+            return np.pad(data, ((1, 0),) * 3).astype(np.float32)
+        return data.astype(np.float32, copy=False)
+    exact = n * voxel / pixel_size
+    if abs(exact - round(exact)) < 1e-5 * exact and round(exact) % 2 == 0 and n % 2 == 0:
+        return fourier_crop(data, int(round(exact)))  # exact band-limited resampling
+    m = int(math.ceil(exact))
+    m += m % 2
+    src = data.astype(np.float32)
+    if pixel_size > voxel:
+        k = np.fft.fftfreq(n) / voxel
+        kr = np.fft.rfftfreq(n) / voxel
+        k2 = k[:, None, None] ** 2 + k[None, :, None] ** 2 + kr[None, None, :] ** 2
+        ft = np.fft.rfftn(src) * (k2 <= (0.5 / pixel_size) ** 2)
+        src = np.fft.irfftn(ft, s=src.shape, axes=(0, 1, 2)).astype(np.float32)
+    coord = (np.arange(m) - m // 2) * (pixel_size / voxel) + n // 2
+    zz, yy, xx = np.meshgrid(coord, coord, coord, indexing="ij")
+    out = ndimage.map_coordinates(src, [zz, yy, xx], order=3, mode="constant", cval=0.0)
+    return out.astype(np.float32)
 
 
 def _map_radius(data: np.ndarray) -> float:
