@@ -1,4 +1,5 @@
-"""Fourier low-pass / high-pass filters: transfer functions measured on white noise, units, errors."""
+"""Fourier low-pass / high-pass filters: transfer functions measured on white noise, units and
+errors."""
 
 from __future__ import annotations
 

@@ -52,7 +52,7 @@ def _record(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
         ParameterSource.COMMANDLINE,
         ParameterSource.ENVIRONMENT,
     )
-    if given and value not in (None, False):
+    if given and value is not None and value is not False:  # 0 is a value (refused later)
         ctx.meta.setdefault(_ORDER_KEY, []).append(param.name)
     return value
 

@@ -357,7 +357,7 @@ def apply_filter_to_source(
     *,
     pixel_size: float | None = None,
 ) -> Path:
-    """Stream ``source`` through ``filt`` and write ``OUT.star`` + ``OUT.mrcs`` + ``OUT_filter.json``.
+    """Stream ``source`` through ``filt`` into ``OUT.star``, ``OUT.mrcs`` and ``OUT_filter.json``.
 
     ``source``: an ImageSource, a path (.star or .mrcs) or an array; ``pixel_size`` overrides what
     the input states. The output stack has the input's pixel size in its header; the STAR keeps
@@ -404,6 +404,7 @@ def apply_filter_to_source(
 
     out_star.parent.mkdir(parents=True, exist_ok=True)
     tmp_stack, tmp_star, tmp_json = (temp_path_for(p) for p in (stack_path, out_star, json_path))
+    placed: list[Path] = []
     try:
         n_chunks = math.ceil(src.n_images / int(chunk_size))
         label = filt.name if not isinstance(filt, FilterChain) else "+".join(
@@ -440,11 +441,12 @@ def apply_filter_to_source(
             seconds=round(time.time() - t0, 3),
         )
         atomic_write_json(tmp_json, record)
-        os.replace(tmp_stack, stack_path)
-        os.replace(tmp_star, out_star)
-        os.replace(tmp_json, json_path)
+        for tmp, final in ((tmp_stack, stack_path), (tmp_star, out_star), (tmp_json, json_path)):
+            os.replace(tmp, final)
+            placed.append(final)
     except BaseException:
-        for p in (tmp_stack, tmp_star, tmp_json):
+        # a failed rename (very unlikely) must not leave a stack without its STAR
+        for p in (tmp_stack, tmp_star, tmp_json, *placed):
             p.unlink(missing_ok=True)
         raise
     return out_star

@@ -5,10 +5,13 @@ amplitude contrast, phase shift, B-factor envelope and scale factor), evaluated 
 grid (kx along columns, ky along rows, in 1/Å) from the image's STAR row: rlnDefocusU/V (Å),
 rlnDefocusAngle (°), rlnVoltage (kV), rlnSphericalAberration (mm), rlnAmplitudeContrast, and when
 present rlnPhaseShift (°, default 0), rlnCtfBfactor (Å², default 0), rlnCtfScalefactor (default 1).
-Images are treated as periodic (as RELION's FFTs do).
+Images are treated as periodic (as RELION's FFTs do). On the Nyquist column of an even box the
+multipliers of the two aliases of one frequency are averaged (see :func:`hermitian_nyquist`), so
+each filter is an exact real linear filter with a known transfer function.
 
 * ``phaseflip``: F'(k) = sign(CTF(k)) · F(k) — undoes the contrast reversals, keeps amplitudes;
-  applied twice it is the identity wherever CTF(k) != 0.
+  applied twice it is the identity wherever the sign is defined (CTF(k) != 0, and on the Nyquist
+  column wherever the two aliases agree in sign).
 * ``wiener``:    F'(k) = CTF(k) / (CTF(k)² + 1/snr) · F(k) — a Wiener filter with a constant
   ("Wiener constant") spectral SNR: 1/snr is the assumed noise-to-signal power ratio at every
   frequency. Large snr approaches CTF division (1/CTF, unstable near the zeros); small snr
@@ -28,7 +31,7 @@ from cryosift.errors import CryosiftError
 from cryosift.filters.base import BatchContext, Filter, positive, register
 from cryosift.simulate.ctf import Optics, ctf_2d
 
-__all__ = ["PhaseFlip", "Wiener", "batch_ctf"]
+__all__ = ["PhaseFlip", "Wiener", "batch_ctf", "hermitian_nyquist"]
 
 _OPTIONAL = {"rlnPhaseShift": 0.0, "rlnCtfBfactor": 0.0, "rlnCtfScalefactor": 1.0}
 
@@ -92,6 +95,22 @@ def batch_ctf(metadata: pd.DataFrame, box: int, pixel_size: float) -> torch.Tens
     return out
 
 
+def hermitian_nyquist(h: torch.Tensor) -> torch.Tensor:
+    """Make a multiplier on the rfft2 grid of an even box consistent on the Nyquist column.
+
+    The column kx = N/2 stores frequencies (N/2, ky) and (N/2, -ky), which are the same
+    frequency up to aliasing ((N/2, ky) = -(N/2, -ky) mod N): a real filter must multiply both by
+    the same value. An astigmatic CTF differs there, so the two are averaged — exactly what the
+    inverse real FFT would do implicitly. Other columns are untouched. Returns ``h`` (in place).
+    """
+    n = h.shape[-2]
+    if n % 2 == 0 and h.shape[-1] == n // 2 + 1:
+        partner = (-torch.arange(n)) % n
+        col = h[..., :, -1]
+        h[..., :, -1] = 0.5 * (col + col[..., partner])
+    return h
+
+
 class _CtfFilter(Filter):
     needs_ctf = True
     needs_pixel_size = True
@@ -99,12 +118,15 @@ class _CtfFilter(Filter):
     def _transfer(self, ctf: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def transfer(self, metadata: pd.DataFrame, box: int, pixel_size: float) -> torch.Tensor:
+        """The multiplier applied to each image's rfft2: (B, box, box//2+1) float32."""
+        return hermitian_nyquist(self._transfer(batch_ctf(metadata, box, pixel_size)))
+
     def apply(self, images: np.ndarray, ctx: BatchContext) -> np.ndarray:
         assert ctx.metadata is not None and ctx.pixel_size is not None
         n = images.shape[-1]
-        ctf = batch_ctf(ctx.metadata, n, ctx.pixel_size)
         f = torch.fft.rfft2(torch.from_numpy(images))
-        f.mul_(self._transfer(ctf))
+        f.mul_(self.transfer(ctx.metadata, n, ctx.pixel_size))
         return torch.fft.irfft2(f, s=(n, n)).numpy()
 
 

@@ -109,7 +109,9 @@ class _FourierPass(Filter):
             )
         kind = str(kind).strip().lower()
         if kind not in KINDS:
-            raise CryosiftError(f"{self.name} kind {kind!r} unknown (choose from {', '.join(KINDS)})")
+            raise CryosiftError(
+                f"{self.name} kind {kind!r} unknown (choose from {', '.join(KINDS)})"
+            )
         self.kind = kind
         self.order = int_at_least(order, 1, f"{self.name} Butterworth order")
         self.needs_pixel_size = self.cutoff_A is not None

@@ -98,21 +98,23 @@ class Normalize(Filter):
         n_img, box = images.shape[0], images.shape[-1]
         idx, proj, design = _plan(box, self.radius_for(box), self.ramp)
         flat = images.reshape(n_img, -1)
-        bg = flat[:, idx].astype(np.float64)
+        bg = flat[:, idx].astype(np.float64)  # statistics in float64
         coef = None
         if proj is not None:
             coef = bg @ proj.T  # (B, 3): a, b, c of each image's background plane
-            bg = bg - coef @ design[idx].T
+            bg -= coef @ design[idx].T
         mean = bg.mean(axis=1, keepdims=True)
-        std = np.sqrt(((bg - mean) ** 2).mean(axis=1, keepdims=True))
-        tiny = std < 1e-10
-        scale = 1.0 / np.where(tiny, 1.0, std)
+        bg -= mean
+        std = np.sqrt(np.einsum("ij,ij->i", bg, bg) / bg.shape[1])[:, None]
+        scale = 1.0 / np.where(std < 1e-10, 1.0, std)  # RELION: a flat background is not scaled
         if self.invert:
             scale = -scale
-        # (x - plane - mean) * scale, the plane evaluated over the whole image
+        # (x - plane - mean) * scale over the whole image; the bulk arithmetic in float32 (the
+        # subtraction is of nearly equal numbers, so it adds no error beyond the input's own)
         shift = mean if coef is None else coef @ design.T + mean
-        out = (flat - shift) * scale
-        return out.astype(np.float32).reshape(images.shape)
+        out = flat - shift.astype(np.float32)
+        out *= scale.astype(np.float32)
+        return out.reshape(images.shape)
 
 
 @register

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cryosift.oracles.denoise import wiener_oracle
+from cryosift.oracles.denoise import wiener_ensemble, wiener_oracle
 from cryosift.registry import DenoiseTask, Method, register
 
 
@@ -20,7 +20,14 @@ def _ctf_function(task: DenoiseTask):
 
 def _wiener(**_: object):
     def run(task: DenoiseTask) -> np.ndarray:
-        return wiener_oracle(task.noisy, task.clean, _ctf_function(task))
+        return wiener_oracle(task.noisy, task.clean)
+
+    return run
+
+
+def _wiener_ensemble(**_: object):
+    def run(task: DenoiseTask) -> np.ndarray:
+        return wiener_ensemble(task.noisy, task.clean, _ctf_function(task))
 
     return run
 
@@ -30,7 +37,17 @@ register(
         "denoiser",
         "wiener_oracle",
         _wiener,
-        "Wiener filter with the true signal and noise spectra (CTF-aware)",
+        "per-image Wiener filter with each image's true ring spectrum (beats every low-pass)",
+        needs=frozenset({"clean"}),
+        oracle=True,
+    )
+)
+register(
+    Method(
+        "denoiser",
+        "wiener_ensemble_oracle",
+        _wiener_ensemble,
+        "Wiener filter with the stack's true ring spectrum and each image's CTF",
         needs=frozenset({"clean"}),
         oracle=True,
     )
