@@ -126,6 +126,31 @@ def test_bare_stack_gets_minimal_optics(tmp_path):
     assert read_mrc_info(out.with_suffix(".mrcs")).pixel_size == 1.7
 
 
+def test_relion_30_star_with_per_particle_ctf(tmp_path):
+    write_mrcs(tmp_path / "particles.mrcs", _images(), PX)
+    rows = "\n".join(
+        f"{i + 1:06d}@particles.mrcs {15000 + 100 * i} {14800 + 100 * i} 30.0 300 2.7 0.1 "
+        "10000 2.5"
+        for i in range(N)
+    )
+    (tmp_path / "old.star").write_text(
+        "\ndata_\n\nloop_\n_rlnImageName #1\n_rlnDefocusU #2\n_rlnDefocusV #3\n"
+        "_rlnDefocusAngle #4\n_rlnVoltage #5\n_rlnSphericalAberration #6\n"
+        "_rlnAmplitudeContrast #7\n_rlnMagnification #8\n_rlnDetectorPixelSize #9\n"
+        + rows + "\n"
+    )
+    out = apply_filter_to_source(tmp_path / "old.star", make_filter("phaseflip"),
+                                 tmp_path / "o" / "pf.star")
+    table = read_star(out)
+    assert table.version == "3.1"
+    assert table.optics["rlnImagePixelSize"].tolist() == [PX]  # 2.5 µm / 10,000 x
+    assert table.optics["rlnVoltage"].tolist() == [300.0]
+    src = read_star(tmp_path / "old.star")
+    expected = make_filter("phaseflip")(_images(), BatchContext(PX, src.particles))
+    np.testing.assert_allclose(open_source(out).images(slice(None)), expected, atol=1e-5)
+    assert table.particles["rlnDefocusU"].tolist() == src.particles["rlnDefocusU"].tolist()
+
+
 def test_bare_stack_without_pixel_size(tmp_path):
     with mrcfile.new(tmp_path / "nopx.mrcs") as m:
         m.set_data(_images())
@@ -290,6 +315,7 @@ def test_cli_seed_000_chain_and_options(dataset, tmp_path, monkeypatch):
         (["STAR", "--clahe-clip", "0.1", "--histeq"], "--clahe-clip only applies with --clahe"),
         (["STAR", "--normalize", "--bg-radius", "40"], "larger than half"),
         (["STAR", "--invert", "-o", "OUT/out.mrcs"], "must be a .star"),
+        (["STAR", "--lowpass", "10", "--histeq", "--lowpass=20"], "--lowpass is given more than"),
     ],
 )
 def test_cli_bad_input(dataset, no_ctf_star, tmp_path, capsys, args, message):

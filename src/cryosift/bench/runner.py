@@ -39,6 +39,7 @@ class BenchData:
     clean: np.ndarray
     metadata: pd.DataFrame
     pixel_size: float
+    noisy_b: np.ndarray | None = None  # the second noise realisation (for Noise2Noise)
 
     @property
     def is_particle(self) -> np.ndarray:
@@ -69,9 +70,10 @@ def load_dataset(spec: DatasetSpec, folder: Path, device: str = "cpu") -> BenchD
         junk_fraction=spec.junk_fraction,
         junk_types=spec.junk_types,
         seed=spec.seed,
+        pairs="denoise" in spec.tasks,
     )
     marker = folder / "bench_spec.json"
-    wanted = json.dumps(asdict(spec), sort_keys=True)
+    wanted = json.dumps(asdict(cfg), sort_keys=True, default=str)
     if not (
         marker.is_file() and marker.read_text() == wanted and (folder / "particles.star").is_file()
     ):
@@ -80,12 +82,14 @@ def load_dataset(spec: DatasetSpec, folder: Path, device: str = "cpu") -> BenchD
     table = read_star(folder / "particles.star")
     noisy = open_source(folder / "particles.star")
     clean = open_source(folder / "clean.mrcs")
+    pair = folder / "particles_b.mrcs"
     return BenchData(
         spec,
         noisy.images(slice(None)),
         clean.images(slice(None)),
         merged_metadata(table),
         float(noisy.pixel_size),
+        open_source(pair).images(slice(None)) if pair.is_file() else None,
     )
 
 
@@ -115,6 +119,7 @@ def _task(data: BenchData, method: Method, rows: slice | np.ndarray = slice(None
         pixel_size=data.pixel_size,
         metadata=meta.reset_index(drop=True),
         clean=data.clean[rows] if (method.oracle or "clean" in method.needs) else None,
+        noisy_b=data.noisy_b[rows] if data.noisy_b is not None else None,
         seed=data.spec.seed,
     )
 
@@ -122,7 +127,7 @@ def _task(data: BenchData, method: Method, rows: slice | np.ndarray = slice(None
 def _usable(method: Method, data: BenchData) -> bool:
     if "ctf" in method.needs and not data.spec.ctf:
         return False
-    return "pairs" not in method.needs  # benchmark datasets here carry one noise realisation
+    return "pairs" not in method.needs or data.noisy_b is not None
 
 
 def score_denoisers(data: BenchData, tune_images: int = 256) -> dict[str, dict]:

@@ -61,6 +61,26 @@ def _flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+class _FilterCommand(click.Command):
+    """Keeps the raw arguments so that a filter option given twice can be refused (click would
+    silently keep the last value)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["cryosift_raw_args"] = list(args)
+        return super().parse_args(ctx, args)
+
+
+def _refuse_repeats(ctx: click.Context) -> None:
+    raw = ctx.meta.get("cryosift_raw_args", [])
+    for name in _FILTER_OPTIONS:
+        flag = _flag_name(name)
+        if sum(a == flag or a.startswith(flag + "=") for a in raw) > 1:
+            raise CryosiftError(
+                f"{flag} is given more than once; each filter appears once in a chain "
+                "(run cryosift filter again on the output for a second pass)"
+            )
+
+
 def _build(name: str, opts: dict[str, Any]) -> Any:
     """The filter object for one chain entry."""
     from cryosift.filters import make_filter
@@ -108,6 +128,7 @@ def _build(name: str, opts: dict[str, Any]) -> Any:
 def _chain(ctx: click.Context, opts: dict[str, Any]) -> Any:
     from cryosift.filters import FilterChain
 
+    _refuse_repeats(ctx)
     order: list[str] = list(ctx.meta.get(_ORDER_KEY, []))
     if not order:
         raise CryosiftError(
@@ -129,7 +150,7 @@ def _chain(ctx: click.Context, opts: dict[str, Any]) -> Any:
 _KINDS = click.Choice(["gaussian", "butterworth", "hard"], case_sensitive=False)
 
 
-@click.command("filter")
+@click.command("filter", cls=_FilterCommand)
 @click.argument("source", metavar="IN", type=click.Path(path_type=Path))
 @click.option(
     "-o",

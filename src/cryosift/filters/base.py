@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from cryosift.errors import CryosiftError, InputError
+from cryosift.filters.parallel import in_worker, map_slices
 
 __all__ = [
     "CTF_COLUMNS",
@@ -62,6 +63,11 @@ class BatchContext:
     pixel_size: float | None
     metadata: pd.DataFrame | None = None
 
+    def subset(self, start: int, stop: int) -> BatchContext:
+        """The context of images start..stop-1 of this batch."""
+        meta = None if self.metadata is None else self.metadata.iloc[start:stop]
+        return BatchContext(self.pixel_size, meta)
+
 
 class Filter(ABC):
     """One image filter: ``filt(images, ctx) -> images``, (B, H, W) float32 in and out.
@@ -76,6 +82,8 @@ class Filter(ABC):
     needs_ctf: bool = False
     #: True when the filter cannot run without knowing the pixel size.
     needs_pixel_size: bool = False
+    #: Run :meth:`apply` on slices of the batch in parallel threads (see filters.parallel).
+    threaded: bool = True
 
     @abstractmethod
     def params(self) -> dict[str, Any]:
@@ -95,7 +103,8 @@ class Filter(ABC):
 
     @abstractmethod
     def apply(self, images: np.ndarray, ctx: BatchContext) -> np.ndarray:
-        """Filter a validated, C-contiguous float32 batch (B, H, W) with B >= 1."""
+        """Filter a validated, C-contiguous float32 batch (B, H, W) with B >= 1 into a new array
+        (``images`` may be the caller's own array: never modify it)."""
 
     def __call__(self, images: np.ndarray, ctx: BatchContext | None = None) -> np.ndarray:
         """Filter ``images`` (B, H, W) (or one (H, W) image) and return float32 of that shape."""
@@ -113,7 +122,11 @@ class Filter(ABC):
         self.check(ctx.pixel_size, batch.shape[-1])
         if self.needs_ctf:
             check_ctf_metadata(ctx.metadata, batch.shape[0], self.name)
-        out = np.ascontiguousarray(self.apply(batch, ctx), dtype=np.float32)
+        if self.threaded and not in_worker():
+            out = np.empty(batch.shape, dtype=np.float32)
+            map_slices(lambda s, e: self.apply(batch[s:e], ctx.subset(s, e)), len(batch), out)
+        else:
+            out = np.ascontiguousarray(self.apply(batch, ctx), dtype=np.float32)
         if out.shape != batch.shape:  # pragma: no cover - a bug in a filter, not bad input
             raise RuntimeError(f"filter '{self.name}' returned {out.shape} for {batch.shape}")
         return out[0] if single else out
@@ -124,7 +137,10 @@ class Filter(ABC):
 
 
 class FilterChain(Filter):
-    """Several filters applied in order, as one filter (``params()`` lists them in order)."""
+    """Several filters applied in order, as one filter (``params()`` lists them in order).
+
+    The whole chain runs on each thread's slice of the batch (the filters are per-image).
+    """
 
     name = "chain"
 

@@ -17,8 +17,8 @@ with the image mirrored at its edges (numpy/skimage ``mode='reflect'``: c b | a 
 Implementation: no unfold and no per-pixel loop. For each window offset o the range weights of
 the whole sub-batch are one vectorised expression; since w(p, p+o) = w(p+o, p) the weights of
 offset o, computed once on a slightly larger area, also serve offset -o, so only half of the
-(2r+1)² offsets are evaluated. Sub-batches of <= 8 images keep the working set in cache and are
-spread over threads (see :func:`bilateral_filter` for why not torch's own intra-op threads).
+(2r+1)² offsets are evaluated. Sub-batches of <= 8 images keep the working set in cache; they are
+spread over threads with single-threaded torch (cryosift.filters.parallel explains why).
 
 Checked against ``skimage.restoration.denoise_bilateral`` in the tests. Note: scikit-image 0.26's
 ``denoise_bilateral`` builds its spatial lookup table on a (win_size+1)² grid
@@ -31,7 +31,6 @@ implementation of the definition otherwise.
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -40,6 +39,7 @@ import torch.nn.functional as F  # noqa: N812 - torch convention
 
 from cryosift.errors import CryosiftError
 from cryosift.filters.base import BatchContext, Filter, int_at_least, positive, register
+from cryosift.filters.parallel import map_slices
 
 __all__ = ["Bilateral", "bilateral_filter", "estimate_noise_sigma", "reflect_index"]
 
@@ -101,14 +101,9 @@ def bilateral_filter(
     """Bilateral filter of a batch (B, H, W) with per-image range σ (absolute grey values).
 
     ``radius``: half the window (window = 2 radius + 1). A σ_r of 0 (constant image) leaves the
-    image as it is. Returns a new float32 tensor.
-
-    Threading: the work is hundreds of small element-wise operations per sub-batch; letting
-    torch's OpenMP pool split each of them collapses (to a few images/s) as soon as another
-    process competes for the cores, because every operation ends in a barrier. So sub-batches
-    are instead spread over ``workers`` Python threads (default: torch's thread count), each
-    running single-threaded torch operations (torch releases the GIL inside them); torch's
-    thread setting is restored afterwards.
+    image as it is. Returns a new float32 tensor. Runs on ``workers`` threads with single-threaded
+    torch (see cryosift.filters.parallel: hundreds of small operations per sub-batch would
+    otherwise each end in an OpenMP barrier).
     """
     x = torch.as_tensor(images, dtype=torch.float32)
     n_img, n_rows, n_cols = x.shape
@@ -124,25 +119,17 @@ def bilateral_filter(
         if dy > 0 or dx > 0
     }
     sub = max(1, min(_SUB_BATCH_IMAGES, _SUB_BATCH_PIXELS // ((n_rows + 2 * r) * (n_cols + 2 * r))))
-    starts = range(0, n_img, sub)
-    out = torch.empty_like(x)
 
-    def run(s: int) -> None:
-        out[s : s + sub] = _bilateral_block(x[s : s + sub], neg_a[s : s + sub], log_g, r)
+    def run(start: int, stop: int) -> np.ndarray:
+        res = torch.empty((stop - start, n_rows, n_cols), dtype=torch.float32)
+        for s in range(start, stop, sub):
+            e = min(s + sub, stop)
+            res[s - start : e - start] = _bilateral_block(x[s:e], neg_a[s:e], log_g, r)
+        return res.numpy()
 
-    threads = torch.get_num_threads()
-    workers = max(1, min(workers or threads, len(starts)))
-    torch.set_num_threads(1)
-    try:
-        if workers == 1:
-            for s in starts:
-                run(s)
-        else:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                list(pool.map(run, starts))
-    finally:
-        torch.set_num_threads(threads)
-    return out
+    out = np.empty((n_img, n_rows, n_cols), dtype=np.float32)
+    map_slices(run, n_img, out, workers=workers, min_per_worker=1)
+    return torch.from_numpy(out)
 
 
 @register

@@ -1,24 +1,23 @@
 """Histogram equalisation: global (batched) and contrast-limited adaptive (CLAHE, per image).
 
 ``histeq`` reproduces ``skimage.exposure.equalize_hist(image, nbins)`` on every image of a batch
-without a Python loop: per-image bin edges exactly as numpy.histogram builds them (float32
-linspace between the image's min and max), bin membership with numpy's edge corrections (so the
-counts are numpy's), the normalised cumulative histogram evaluated at the bin centres, and
-linear interpolation of it at every pixel (numpy.interp's rule, clamped outside the centres). The
-output lies in (0, 1]; a constant image maps to 0.5 everywhere, as in skimage.
+without a Python loop (torch gathers): per-image bin edges exactly as numpy.histogram builds them
+(float32 linspace between the image's min and max), bin membership with numpy's edge corrections
+(so the counts are numpy's), the normalised cumulative histogram evaluated at the bin centres,
+and linear interpolation of it at every pixel (numpy.interp's rule, clamped outside the centres).
+The output lies in (0, 1]; a constant image maps to 0.5 everywhere, as in skimage.
 
 ``clahe`` calls ``skimage.exposure.equalize_adapthist`` image by image (scikit-image has no
-batched CLAHE) after rescaling each image to [0, 1] by its own min and max; a small thread pool
-overlaps the images where numpy releases the GIL.
+batched CLAHE) after rescaling each image to [0, 1] by its own min and max; the images are spread
+over threads (cryosift.filters.parallel), which overlap where numpy releases the GIL.
 """
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+import torch
 
 from cryosift.errors import CryosiftError
 from cryosift.filters.base import BatchContext, Filter, int_at_least, positive, register
@@ -27,46 +26,45 @@ __all__ = ["Clahe", "HistEq", "equalize_hist_batch"]
 
 
 def equalize_hist_batch(images: np.ndarray, nbins: int = 256) -> np.ndarray:
-    """skimage.exposure.equalize_hist applied to each image of (B, H, W), float32 out."""
-    x = np.ascontiguousarray(images, dtype=np.float32)
+    """skimage.exposure.equalize_hist applied to each image of (B, H, W), float32 out.
+
+    Batched in torch (multi-threaded gathers), replicating numpy/skimage step by step: float32
+    bin edges from np.linspace(min, max) (each image's min and max as float32, widened by 0.5
+    for a constant image), numpy.histogram's bin membership (a first guess, then its two edge
+    corrections), the float32 normalised cumulative counts at float32 bin centres, and
+    numpy.interp's piecewise-linear rule (clamped outside the first and last centres).
+    """
+    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
     n_img = x.shape[0]
     flat = x.reshape(n_img, -1)
-    lo = flat.min(axis=1)
-    hi = flat.max(axis=1)
-    flat_img = hi == lo
-    # numpy.histogram: range (min, max), widened by 0.5 on each side for a constant image
-    first = np.where(flat_img, lo.astype(np.float64) - 0.5, lo.astype(np.float64))
-    last = np.where(flat_img, hi.astype(np.float64) + 0.5, hi.astype(np.float64))
-    edges = np.linspace(first, last, nbins + 1, axis=1, dtype=np.float32)  # (B, nbins+1)
-    # first guess of each pixel's bin, then numpy's exact corrections against the float32 edges
-    scale = nbins / (last - first)
-    idx = ((flat - first[:, None]) * scale[:, None]).astype(np.int64)
-    np.clip(idx, 0, nbins - 1, out=idx)
-    row = (np.arange(n_img, dtype=np.int64) * (nbins + 1))[:, None]
-    e = edges.reshape(-1)
-    idx -= flat < e[row + idx]
-    idx += (flat >= e[row + idx + 1]) & (idx != nbins - 1)
-    np.clip(idx, 0, nbins - 1, out=idx)
-    counts = np.bincount(
-        (idx + (np.arange(n_img, dtype=np.int64) * nbins)[:, None]).reshape(-1),
-        minlength=n_img * nbins,
-    ).reshape(n_img, nbins)
-    cdf = np.cumsum(counts, axis=1).astype(np.float64)
-    cdf = (cdf / cdf[:, -1:]).astype(np.float32)  # skimage casts the cdf to float32
-    centres = ((edges[:, :-1] + edges[:, 1:]) / np.float32(2.0)).astype(np.float64)
-    cdf64 = cdf.astype(np.float64)
-    # numpy.interp: j = last centre <= x (clamped), linear between centres j and j+1
-    j = idx - (flat.astype(np.float64) < np.take_along_axis(centres, idx, axis=1))
-    below = j < 0
-    np.clip(j, 0, nbins - 2, out=j)
-    c0 = np.take_along_axis(centres, j, axis=1)
-    c1 = np.take_along_axis(centres, j + 1, axis=1)
-    f0 = np.take_along_axis(cdf64, j, axis=1)
-    f1 = np.take_along_axis(cdf64, j + 1, axis=1)
-    out = (f1 - f0) / (c1 - c0) * (flat - c0) + f0
-    out = np.where(below, cdf64[:, :1], out)
-    out = np.where(flat >= centres[:, -1:], cdf64[:, -1:], out)
-    return out.astype(np.float32).reshape(x.shape)
+    lo, hi = flat.amin(dim=1).numpy(), flat.amax(dim=1).numpy()
+    const = hi == lo
+    first = np.where(const, lo - np.float32(0.5), lo).astype(np.float32)
+    last = np.where(const, hi + np.float32(0.5), hi).astype(np.float32)
+    edges = torch.from_numpy(np.linspace(first, last, nbins + 1, axis=1, dtype=np.float32))
+    first64 = torch.from_numpy(first.astype(np.float64))[:, None]
+    scale = torch.from_numpy(nbins / (last.astype(np.float64) - first.astype(np.float64)))
+    idx = ((flat - first64) * scale[:, None]).long().clamp_(0, nbins - 1)
+    idx -= (flat < torch.gather(edges, 1, idx)).long()
+    idx += ((flat >= torch.gather(edges, 1, idx + 1)) & (idx != nbins - 1)).long()
+    idx.clamp_(0, nbins - 1)
+    counts = torch.zeros(n_img, nbins, dtype=torch.float64)
+    counts.scatter_add_(1, idx, torch.ones(1, dtype=torch.float64).expand_as(idx))
+    cdf = torch.cumsum(counts, dim=1)
+    cdf = (cdf / cdf[:, -1:]).float().double()  # skimage casts the cdf to float32
+    centres = ((edges[:, :-1] + edges[:, 1:]) / 2.0).double()
+    # interpolation segments: 0 below the first centre, j + 1 between centres j and j + 1,
+    # nbins above the last one; each a line slope·v + intercept
+    slope = torch.zeros(n_img, nbins + 1, dtype=torch.float64)
+    icpt = torch.empty(n_img, nbins + 1, dtype=torch.float64)
+    gap = centres[:, 1:] - centres[:, :-1]  # 0 only if float32 cannot separate the bins
+    inner = torch.where(gap > 0, (cdf[:, 1:] - cdf[:, :-1]) / gap.clamp_min(1e-300), 0.0)
+    slope[:, 1:-1] = inner
+    icpt[:, 1:-1] = cdf[:, :-1] - inner * centres[:, :-1]
+    icpt[:, 0], icpt[:, -1] = cdf[:, 0], cdf[:, -1]
+    seg = idx + (flat.double() >= torch.gather(centres, 1, idx)).long()
+    out = torch.gather(slope, 1, seg) * flat + torch.gather(icpt, 1, seg)
+    return out.float().reshape(x.shape).numpy()
 
 
 @register
@@ -135,15 +133,6 @@ class Clahe(Filter):
 
     def apply(self, images: np.ndarray, ctx: BatchContext) -> np.ndarray:
         out = np.empty(images.shape, dtype=np.float32)
-        workers = min(len(images), os.cpu_count() or 1)
-        if workers <= 1:
-            for i, img in enumerate(images):
-                out[i] = self._one(img)
-            return out
-
-        def run(i: int) -> None:
-            out[i] = self._one(images[i])
-
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(run, range(len(images))))
+        for i, img in enumerate(images):  # skimage has no batched CLAHE
+            out[i] = self._one(img)
         return out

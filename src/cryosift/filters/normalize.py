@@ -38,15 +38,16 @@ def background_mask(box: int, radius: float) -> np.ndarray:
 
 
 @lru_cache(maxsize=16)
-def _plan(box: int, radius: float, ramp: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """(background pixel indices, plane projector (3, n_bg) or None, design (box², 3))."""
-    mask = background_mask(box, radius).reshape(-1)
-    idx = np.flatnonzero(mask)
+def _plan(box: int, radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(background pixel indices, design [x, y, 1] at them, its Gram matrix, pixel coordinates).
+
+    x = column - box//2, y = row - box//2 (RELION's logical coordinates).
+    """
+    idx = np.flatnonzero(background_mask(box, radius).reshape(-1))
     c = np.arange(box, dtype=np.float64) - box // 2
-    yy, xx = np.meshgrid(c, c, indexing="ij")
-    design = np.stack([xx.reshape(-1), yy.reshape(-1), np.ones(box * box)], axis=1)
-    proj = np.linalg.pinv(design[idx]) if ramp else None
-    return idx, proj, design
+    rows, cols = np.divmod(idx, box)
+    design = np.stack([c[cols], c[rows], np.ones(idx.size)], axis=1)
+    return idx, design, design.T @ design, c
 
 
 @register
@@ -96,25 +97,34 @@ class Normalize(Filter):
 
     def apply(self, images: np.ndarray, ctx: BatchContext) -> np.ndarray:
         n_img, box = images.shape[0], images.shape[-1]
-        idx, proj, design = _plan(box, self.radius_for(box), self.ramp)
-        flat = images.reshape(n_img, -1)
-        bg = flat[:, idx].astype(np.float64)  # statistics in float64
-        coef = None
-        if proj is not None:
-            coef = bg @ proj.T  # (B, 3): a, b, c of each image's background plane
-            bg -= coef @ design[idx].T
-        mean = bg.mean(axis=1, keepdims=True)
-        bg -= mean
-        std = np.sqrt(np.einsum("ij,ij->i", bg, bg) / bg.shape[1])[:, None]
+        idx, design, gram, coord = _plan(box, self.radius_for(box))
+        n_bg = idx.size
+        # background moments in float64: Σ v·[x, y, 1] and Σ v²
+        bg = images.reshape(n_img, -1)[:, idx].astype(np.float64)
+        moments = bg @ design
+        sumsq = np.einsum("ij,ij->i", bg, bg)
+        if self.ramp:
+            # least-squares plane v ≈ a·x + b·y + c over the background (normal equations)
+            coef = np.linalg.solve(gram, moments.T).T
+            resid_sum = moments[:, 2] - coef @ gram[:, 2]  # 0 up to rounding
+            resid_sumsq = sumsq - np.einsum("ij,ij->i", coef, moments)
+        else:
+            coef = np.zeros((n_img, 3))
+            coef[:, 2] = moments[:, 2] / n_bg
+            resid_sum = np.zeros(n_img)
+            resid_sumsq = sumsq - n_bg * coef[:, 2] ** 2
+        mean = resid_sum / n_bg
+        std = np.sqrt(np.maximum(resid_sumsq / n_bg - mean**2, 0.0))
         scale = 1.0 / np.where(std < 1e-10, 1.0, std)  # RELION: a flat background is not scaled
         if self.invert:
             scale = -scale
-        # (x - plane - mean) * scale over the whole image; the bulk arithmetic in float32 (the
-        # subtraction is of nearly equal numbers, so it adds no error beyond the input's own)
-        shift = mean if coef is None else coef @ design.T + mean
-        out = flat - shift.astype(np.float32)
-        out *= scale.astype(np.float32)
-        return out.reshape(images.shape)
+        # (v - a·x - b·y - c - mean) · scale, in float32 with broadcast row and column terms
+        row_term = coef[:, 1:2] * coord[None, :] + (coef[:, 2] + mean)[:, None]  # (B, rows)
+        col_term = coef[:, 0:1] * coord[None, :]  # (B, cols)
+        out = images - row_term.astype(np.float32)[:, :, None]
+        out -= col_term.astype(np.float32)[:, None, :]
+        out *= scale.astype(np.float32)[:, None, None]
+        return out
 
 
 @register

@@ -41,6 +41,7 @@ class GaussianBlur(Filter):
     """Real-space Gaussian blur of standard deviation ``sigma_px`` pixels (scipy semantics)."""
 
     name = "gaussian"
+    threaded = False  # scipy.ndimage holds the GIL: threads would only add overhead
 
     def __init__(self, sigma_px: float = 1.0) -> None:
         self.sigma_px = positive(sigma_px, "gaussian sigma_px")

@@ -1,0 +1,297 @@
+"""Training that a user can trust: Noise2Noise and Noise2Void on particle stacks.
+
+- Noise2Noise (Lehtinen et al. 2018; seeds 002/003): the network maps one noisy copy to the other
+  (L2). Validation loss: the same loss on held-out pairs, E|f(a) - b|^2 = E|f(a) - x|^2 + sigma^2,
+  so it ranks models exactly as the true error does.
+- Noise2Void (Krull et al. 2019): single noisy images; a few % of pixels are replaced (by a random
+  neighbour, or with N2V2's `median` by the median of their neighbourhood, against checkerboard
+  artefacts) and the loss is taken on those pixels only. Validation: the same masked loss on
+  held-out images (again the true error plus sigma^2 in expectation, for pixel-independent noise).
+
+Training samples random square crops (default 64 px) with flips and 90-degree rotations. A
+checkpoint is written atomically after every epoch (weights, architecture, optimiser, epoch, RNG
+states, history) and `resume=True` continues from it; the best model by validation loss is kept
+as model.pt; early stopping ends training after `patience` epochs without improvement.
+Mixed precision (bfloat16 autocast) is used on CUDA.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from cryosift.denoise.model_io import load_checkpoint, save_checkpoint, save_model
+from cryosift.denoise.networks import UNet, UNetConfig
+from cryosift.errors import CryosiftError
+from cryosift.progress import progress
+
+log = logging.getLogger("cryosift")
+
+
+@dataclass
+class TrainConfig:
+    """Resolved training parameters (recorded in the model folder)."""
+
+    method: str = "n2v"  # "n2n" or "n2v"
+    epochs: int = 30
+    batch_size: int = 32
+    crop: int = 64
+    lr: float = 1e-3
+    val_fraction: float = 0.1
+    patience: int = 5
+    steps_per_epoch: int | None = None  # default: one pass over the training images
+    mask_fraction: float = 0.02  # N2V: fraction of pixels masked per crop
+    n2v_replace: str = "uniform"  # N2V: "uniform" neighbour or "median" (N2V2)
+    seed: int = 0
+    depth: int = 4
+    width: int = 16
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.method not in ("n2n", "n2v"):
+            raise CryosiftError(f"unknown training method {self.method!r} (n2n or n2v)")
+        if self.epochs < 1 or self.batch_size < 1 or self.crop < 8:
+            raise CryosiftError("--epochs and --batch-size must be >= 1 and the crop >= 8 px")
+        if not 0 < self.val_fraction < 0.5:
+            raise CryosiftError("--val-fraction must lie in (0, 0.5)")
+        if self.n2v_replace not in ("uniform", "median"):
+            raise CryosiftError("--n2v-replace must be uniform or median")
+        if not 0 < self.mask_fraction < 0.5:
+            raise CryosiftError("--mask-fraction must lie in (0, 0.5)")
+
+
+def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random flip and 90-degree rotation of a whole batch (same for paired stacks: caller)."""
+    k = int(torch.randint(0, 4, (1,), generator=gen))
+    x = torch.rot90(x, k, dims=(-2, -1))
+    if bool(torch.randint(0, 2, (1,), generator=gen)):
+        x = torch.flip(x, dims=(-1,))
+    return x
+
+
+def _crops(
+    stacks: list[np.ndarray], idx: np.ndarray, crop: int, gen: torch.Generator
+) -> list[torch.Tensor]:
+    """The same random crop (and augmentation) of images idx from each stack: (B, 1, c, c)."""
+    box = stacks[0].shape[-1]
+    c = min(crop, box)
+    y0 = torch.randint(0, box - c + 1, (len(idx),), generator=gen)
+    x0 = torch.randint(0, box - c + 1, (len(idx),), generator=gen)
+    rows = y0[:, None] + torch.arange(c)[None]
+    cols = x0[:, None] + torch.arange(c)[None]
+    out = []
+    state = gen.get_state()
+    for s in stacks:
+        t = torch.as_tensor(np.asarray(s[idx], dtype=np.float32))
+        t = t[torch.arange(len(idx))[:, None, None], rows[:, :, None], cols[:, None, :]]
+        gen.set_state(state)  # identical augmentation for every stack of the pair
+        out.append(_augment(t, gen)[:, None])
+    return out
+
+
+def _reflect(i: torch.Tensor, n: int) -> torch.Tensor:
+    """Reflect indices that fall off [0, n-1] back into it (-1 -> 1, n -> n-2)."""
+    i = i.abs()
+    return torch.where(i > n - 1, 2 * (n - 1) - i, i)
+
+
+def n2v_mask(
+    x: torch.Tensor, fraction: float, mode: str, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blind-spot input and mask: `fraction` of pixels replaced by a random neighbour (within a
+    5x5 window, never itself) or, for `median`, the median of their 3x3 neighbourhood without
+    the centre (N2V2). Returns (masked input, boolean mask)."""
+    b, _, h, w = x.shape
+    mask = torch.rand(x.shape, generator=gen) < fraction
+    if mode == "median":
+        pad = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        patches = pad.unfold(2, 3, 1).unfold(3, 3, 1).reshape(b, 1, h, w, 9)
+        ring = torch.cat([patches[..., :4], patches[..., 5:]], dim=-1)
+        repl = ring.median(dim=-1).values
+    else:
+        dy = torch.randint(-2, 3, x.shape, generator=gen)
+        dx = torch.randint(-2, 3, x.shape, generator=gen)
+        same = (dy == 0) & (dx == 0)
+        dx = torch.where(same, torch.ones_like(dx), dx)
+        # reflect at the borders (never clamp: that would map a pixel onto itself)
+        yy = _reflect(torch.arange(h)[None, None, :, None] + dy, h)
+        xx = _reflect(torch.arange(w)[None, None, None, :] + dx, w)
+        bi = torch.arange(b)[:, None, None, None].expand_as(yy)
+        repl = x[bi, torch.zeros_like(yy), yy, xx]
+    return torch.where(mask, repl, x), mask
+
+
+def _loss(
+    model, cfg: TrainConfig, batch: list[torch.Tensor], gen: torch.Generator, device: torch.device
+) -> torch.Tensor:
+    if cfg.method == "n2n":
+        a, b = (t.to(device) for t in batch)
+        return F.mse_loss(model(a), b)
+    x = batch[0]
+    inp, mask = n2v_mask(x, cfg.mask_fraction, cfg.n2v_replace, gen)
+    out = model(inp.to(device))
+    mask = mask.to(device)
+    return ((out - x.to(device)) ** 2)[mask].mean()
+
+
+def train_denoiser(
+    images: np.ndarray,
+    model_dir: Path,
+    cfg: TrainConfig,
+    images_b: np.ndarray | None = None,
+    device: torch.device | str = "cpu",
+    resume: bool = False,
+    pixel_size: float | None = None,
+    provenance: dict | None = None,
+) -> dict:
+    """Train a denoiser on `images` (and `images_b` for N2N) into `model_dir`; returns a summary.
+
+    model_dir holds checkpoint.pt (every epoch), model.pt (best weights + architecture), and
+    training.json (parameters, per-epoch history, best epoch, timing).
+    """
+    cfg.validate()
+    device = torch.device(device)
+    if cfg.method == "n2n":
+        if images_b is None:
+            raise CryosiftError("n2n needs a second noisy copy of every image (--pairs)")
+        if images_b.shape != images.shape:
+            raise CryosiftError(f"pairs differ: {images.shape} vs {images_b.shape}")
+    n = len(images)
+    if n < 4:
+        raise CryosiftError(f"need at least 4 images to train, got {n}")
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    order = np.random.default_rng(cfg.seed).permutation(n)
+    n_val = max(1, int(round(cfg.val_fraction * n)))
+    val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
+    stacks = [images] if cfg.method == "n2v" else [images, images_b]
+
+    torch.manual_seed(cfg.seed)
+    model = UNet(UNetConfig(depth=cfg.depth, width=cfg.width)).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=2)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    start_epoch, history, best = 0, [], (math.inf, -1)
+    ckpt_path = model_dir / "checkpoint.pt"
+    if resume:
+        if not ckpt_path.is_file():
+            raise CryosiftError("--resume: no checkpoint.pt in the model folder", model_dir)
+        ck = load_checkpoint(ckpt_path)
+        if ck["train_config"] != asdict(cfg):
+            raise CryosiftError(
+                "--resume: the checkpoint was trained with other parameters", ckpt_path
+            )
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        gen.set_state(ck["generator"])
+        torch.set_rng_state(ck["torch_rng"])
+        start_epoch, history = ck["epoch"] + 1, ck["history"]
+        best = (ck["best_val"], ck["best_epoch"])
+        log.info("resuming from epoch %d", start_epoch)
+
+    steps = cfg.steps_per_epoch or max(1, len(train_idx) // cfg.batch_size)
+    autocast = device.type == "cuda"
+    t0 = time.time()
+    val_gen_seed = cfg.seed + 1_000_003
+    for epoch in range(start_epoch, cfg.epochs):
+        if best[1] >= 0 and epoch - best[1] > cfg.patience:
+            log.info("early stop: no validation improvement for %d epochs", cfg.patience)
+            break
+        model.train()
+        total = 0.0
+        for _ in progress(range(steps), total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}"):
+            pick = train_idx[
+                torch.randint(0, len(train_idx), (cfg.batch_size,), generator=gen).numpy()
+            ]
+            batch = _crops(stacks, np.sort(pick), cfg.crop, gen)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                loss = _loss(model, cfg, batch, gen, device)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach())
+        val = validation_loss(model, cfg, stacks, val_idx, device, val_gen_seed)
+        sched.step(val)
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": total / steps,
+                "val_loss": val,
+                "lr": opt.param_groups[0]["lr"],
+                "seconds": time.time() - t0,
+            }
+        )
+        log.info("epoch %d: train %.5g, validation %.5g", epoch + 1, total / steps, val)
+        if val < best[0]:
+            best = (val, epoch)
+            save_model(model_dir / "model.pt", model, _meta(cfg, pixel_size, images.shape[-1]))
+        save_checkpoint(
+            ckpt_path,
+            {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "generator": gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "epoch": epoch,
+                "history": history,
+                "best_val": best[0],
+                "best_epoch": best[1],
+                "train_config": asdict(cfg),
+            },
+        )
+    summary = {
+        "train_config": asdict(cfg),
+        "history": history,
+        "best_epoch": best[1],
+        "best_val_loss": best[0],
+        "n_train": int(len(train_idx)),
+        "n_val": int(n_val),
+        "seconds": time.time() - t0,
+        "device": str(device),
+        "provenance": provenance or {},
+    }
+    from cryosift.io.atomic import atomic_write_json
+
+    atomic_write_json(model_dir / "training.json", summary)
+    return summary
+
+
+def _meta(cfg: TrainConfig, pixel_size: float | None, box: int) -> dict:
+    return {
+        "method": cfg.method,
+        "architecture": UNetConfig(cfg.depth, cfg.width).to_dict(),
+        "pixel_size": pixel_size,
+        "train_box": box,
+    }
+
+
+@torch.no_grad()
+def validation_loss(
+    model,
+    cfg: TrainConfig,
+    stacks: list[np.ndarray],
+    idx: np.ndarray,
+    device: torch.device,
+    seed: int,
+    batch: int = 64,
+) -> float:
+    """The method's own loss on held-out images (whole images, fixed masks for N2V)."""
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    total, count = 0.0, 0
+    for start in range(0, len(idx), batch):
+        sel = idx[start : start + batch]
+        tensors = [torch.as_tensor(np.asarray(s[sel], dtype=np.float32))[:, None] for s in stacks]
+        loss = _loss(model, cfg, tensors, gen, device)
+        total += float(loss) * len(sel)
+        count += len(sel)
+    return total / count

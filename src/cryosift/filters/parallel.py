@@ -1,0 +1,91 @@
+"""Image-parallel execution of per-image filters: Python threads, single-threaded torch inside.
+
+Why not torch's own intra-op threads: a filter is tens to hundreds of element-wise operations
+per batch, and torch's OpenMP pool ends every one of them in a barrier. When another process
+competes for the cores (a shared workstation, a cluster node, parallel test runs), a barrier
+waits for a descheduled thread and throughput collapses — measured on a 2-core machine under
+load: a 3x3 median at 133 images/s with 2 OpenMP threads against 1,100 with one. Filters are
+per-image, so instead the batch is split into contiguous slices processed by a few Python
+threads (torch and numpy release the GIL inside their kernels), each running torch
+single-threaded: no barriers, and both cores are used when they are free.
+
+The torch thread setting is process-wide; it is switched to 1 while any filter runs here and
+restored by the last one to finish (reference-counted under a lock, so concurrent callers —
+e.g. Dask threads — cannot leave it changed). Calls made from inside a worker run serially.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+__all__ = ["in_worker", "map_slices", "single_threaded_torch"]
+
+_lock = threading.Lock()
+_users = 0
+_saved_threads = 1
+_local = threading.local()
+
+
+@contextmanager
+def single_threaded_torch() -> Iterator[int]:
+    """Run the block with torch.set_num_threads(1); yields the thread count to restore."""
+    global _users, _saved_threads
+    with _lock:
+        if _users == 0:
+            _saved_threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _users += 1
+        saved = _saved_threads
+    try:
+        yield saved
+    finally:
+        with _lock:
+            _users -= 1
+            if _users == 0:
+                torch.set_num_threads(_saved_threads)
+
+
+def in_worker() -> bool:
+    """True inside a :func:`map_slices` worker (nested calls then run serially)."""
+    return getattr(_local, "active", False)
+
+
+def map_slices(
+    fn: Callable[[int, int], np.ndarray],
+    n: int,
+    out: np.ndarray,
+    workers: int | None = None,
+    min_per_worker: int = 4,
+) -> np.ndarray:
+    """Fill ``out[start:stop] = fn(start, stop)`` over contiguous slices of ``range(n)``.
+
+    ``workers`` defaults to torch's thread count before this call (the cores torch would use);
+    fewer when slices would hold under ``min_per_worker`` images; 1 inside another worker.
+    """
+
+    def run(bounds: tuple[int, int]) -> None:
+        _local.active = True
+        try:
+            out[bounds[0] : bounds[1]] = fn(*bounds)
+        finally:
+            _local.active = False
+
+    nested = in_worker()
+    with single_threaded_torch() as threads:
+        w = 1 if nested else max(1, min(workers or threads, n // max(1, min_per_worker)))
+        if w == 1:
+            if nested:
+                out[:n] = fn(0, n)
+            else:
+                run((0, n))
+            return out
+        edges = np.linspace(0, n, w + 1).astype(int)
+        with ThreadPoolExecutor(max_workers=w) as pool:
+            list(pool.map(run, zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True)))
+    return out
