@@ -47,6 +47,7 @@ class Method:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     tune: Mapping[str, Sequence[Any]] = field(default_factory=dict)
     oracle: bool = False
+    quick: Mapping[str, Any] = field(default_factory=dict)  # overrides for `bench --quick`
 
     def build(self, **params: Any) -> Any:
         return self.factory(**{**self.defaults, **params})

@@ -130,14 +130,16 @@ def _usable(method: Method, data: BenchData) -> bool:
     return "pairs" not in method.needs or data.noisy_b is not None
 
 
-def score_denoisers(data: BenchData, tune_images: int = 256) -> dict[str, dict]:
+def score_denoisers(
+    data: BenchData, tune_images: int = 256, quick: bool = False
+) -> dict[str, dict]:
     """Every registered denoiser at its defaults, and tuned on the clean images ('<name>_best')."""
     results: dict[str, dict] = {}
     parts = data.is_particle
     for method in available("denoiser"):
         if not _usable(method, data):
             continue
-        runs = [(method.name, {})]
+        runs = [(method.name, dict(method.quick) if quick else {})]
         if method.tune:
             tune_rows = np.flatnonzero(parts)[:tune_images]
             best, best_psnr = {}, -np.inf
@@ -214,7 +216,7 @@ def run_benchmarks(ids: list[str], out_dir: Path, quick: bool = False, device: s
             data = load_dataset(spec, out_dir / "data" / bid / _slug(key), device)
             entry: dict = {}
             if "denoise" in spec.tasks:
-                entry.update(score_denoisers(data, tune_images=128 if quick else 256))
+                entry.update(score_denoisers(data, tune_images=128 if quick else 256, quick=quick))
             if "views" in spec.tasks:
                 entry.update(score_views_oracle(data))
             if "screen" in spec.tasks:
