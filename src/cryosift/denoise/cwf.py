@@ -77,7 +77,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -769,7 +768,7 @@ def _ctf_blocks(basis: SteerableBasis, group_ctf: torch.Tensor) -> list[torch.Te
         images[:, mask] = basis.phi[:, o : o + width].T.to(torch.float64)
         spec = torch.fft.rfft2(_padded(images.reshape(width, box, box), box)).reshape(width, -1)
         x = torch.cat([spec.real, spec.imag], dim=1)  # (width, 2F)
-        q = (x[None] * ctf2[:, None, :]) @ x.T  # (G, width, width)
+        q = torch.stack([(x * c) @ x.T for c in ctf2])  # (G, width, width)
         if k == 0:
             h = q.to(torch.complex128)
         else:
@@ -816,8 +815,7 @@ DEFAULTS: dict[str, Any] = {
 
 
 def _factory(**params: Any):
-    filt_params = {k: v for k, v in params.items() if k != "seed"}
-    CovarianceWienerFilter(**filt_params)  # validate now, not at the first task
+    CovarianceWienerFilter(**params)  # validate now, not at the first task
 
     def run(task: DenoiseTask) -> np.ndarray:
         meta = task.metadata if has_ctf(task.metadata) else None
@@ -843,7 +841,3 @@ register(
         defaults=DEFAULTS,
     )
 )
-
-
-def _unused(_: Sequence[Any]) -> None:  # pragma: no cover - keeps Sequence import meaningful
-    return None

@@ -35,7 +35,9 @@ def _trained(method: str):
     return factory
 
 
+# Benchmark budget: small, fast networks trained on the benchmark's own noisy images.
 BENCH_TRAINING = {"epochs": 12, "width": 8, "depth": 4, "crop": 48, "patience": 3}
+BENCH_QUICK = {"epochs": 5}
 
 register(
     Method(
@@ -45,6 +47,7 @@ register(
         "Noise2Noise U-Net (seed 003) trained on the two noise realisations",
         needs=frozenset({"pairs"}),
         defaults=BENCH_TRAINING,
+        quick=BENCH_QUICK,
     )
 )
 register(
@@ -54,5 +57,6 @@ register(
         _trained("n2v"),
         "Noise2Void U-Net (blind-spot, single noisy images)",
         defaults=BENCH_TRAINING,
+        quick=BENCH_QUICK,
     )
 )
