@@ -57,19 +57,25 @@ def make_dataset(folder: Path, n: int, seed: int = 0) -> Path:
     with MrcsWriter(folder / "particles.mrcs", n, BOX, PX) as writer:
         for start in range(0, n, chunk):
             k = min(chunk, n - start)
-            smooth = np.fft.irfft2(np.fft.rfft2(rng.normal(size=(k, BOX, BOX))) * envelope,
-                                   s=(BOX, BOX))
+            smooth = np.fft.irfft2(
+                np.fft.rfft2(rng.normal(size=(k, BOX, BOX))) * envelope, s=(BOX, BOX)
+            )
             cx, cy = rng.normal(scale=5, size=(2, k, 1, 1))
             blob = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * 15.0**2))
             imgs = 5 * smooth + blob + rng.normal(scale=1.0, size=(k, BOX, BOX))
             writer.append(imgs.astype(np.float32))
     df = rng.uniform(8000, 30000, n)
-    parts = pd.DataFrame({
-        "rlnImageName": image_names(n, "particles.mrcs"),
-        "rlnDefocusU": df + 100, "rlnDefocusV": df - 100,
-        "rlnDefocusAngle": rng.uniform(0, 180, n),
-        "rlnPhaseShift": 0.0, "rlnCtfBfactor": 0.0, "rlnOpticsGroup": 1,
-    })
+    parts = pd.DataFrame(
+        {
+            "rlnImageName": image_names(n, "particles.mrcs"),
+            "rlnDefocusU": df + 100,
+            "rlnDefocusV": df - 100,
+            "rlnDefocusAngle": rng.uniform(0, 180, n),
+            "rlnPhaseShift": 0.0,
+            "rlnCtfBfactor": 0.0,
+            "rlnOpticsGroup": 1,
+        }
+    )
     star = folder / "particles.star"
     write_star(star, parts, make_optics_table(PX, BOX))
     return star
@@ -83,18 +89,24 @@ def run_case(star: Path, out: Path, name: str, params: dict, chunk_size: int) ->
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     for p in (out, out.with_suffix(".mrcs"), out.with_name(out.stem + "_filter.json")):
         p.unlink(missing_ok=True)
-    return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "load_before": round(load0, 2),
-            "load_after": round(os.getloadavg()[0], 2)}
+    return {
+        "wall_s": round(wall, 2),
+        "cpu_s": round(cpu, 2),
+        "load_before": round(load0, 2),
+        "load_after": round(os.getloadavg()[0], 2),
+    }
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--n", type=int, default=10_000)
     ap.add_argument("--chunk-size", type=int, default=256)
     ap.add_argument("--only", nargs="*", default=None, help="registry names to run")
-    ap.add_argument("-o", "--out", type=Path, default=ROOT / "benchmarks" / "results" /
-                    "filters.json")
+    ap.add_argument(
+        "-o", "--out", type=Path, default=ROOT / "benchmarks" / "results" / "filters.json"
+    )
     args = ap.parse_args()
     os.environ.setdefault("CRYOSIFT_NO_PROGRESS", "1")
     rows = []
@@ -104,41 +116,68 @@ def main() -> None:
         gen_s = time.perf_counter() - t0
         print(f"dataset: {args.n} x {BOX} px in {gen_s:.1f} s")
         # warm up (imports, FFT plans, caches) on the copy route, outside the timings
-        apply_filter_to_source(star, make_filter("invert"), Path(tmp) / "warm.star",
-                               chunk_size=args.chunk_size)
+        apply_filter_to_source(
+            star, make_filter("invert"), Path(tmp) / "warm.star", chunk_size=args.chunk_size
+        )
         base = run_case(star, Path(tmp) / "copy.star", "invert", {}, args.chunk_size)
-        rows.append({"filter": "invert (I/O baseline: read + x -> -x + write)", "name": "invert",
-                     "params": {}, "target_img_s": None, **base,
-                     "images_per_s": round(args.n / base["wall_s"], 1)})
+        rows.append(
+            {
+                "filter": "invert (I/O baseline: read + x -> -x + write)",
+                "name": "invert",
+                "params": {},
+                "target_img_s": None,
+                **base,
+                "images_per_s": round(args.n / base["wall_s"], 1),
+            }
+        )
         print(json.dumps(rows[-1], ensure_ascii=False))
         for label, name, params, target in CASES:
             if args.only and name not in args.only:
                 continue
             res = run_case(star, Path(tmp) / "out.star", name, params, args.chunk_size)
             rate = args.n / res["wall_s"]
-            rows.append({"filter": label, "name": name, "params": params,
-                         "target_img_s": target, **res, "images_per_s": round(rate, 1),
-                         "meets_target": None if target is None else rate >= target})
+            rows.append(
+                {
+                    "filter": label,
+                    "name": name,
+                    "params": params,
+                    "target_img_s": target,
+                    **res,
+                    "images_per_s": round(rate, 1),
+                    "meets_target": None if target is None else rate >= target,
+                }
+            )
             print(json.dumps(rows[-1], ensure_ascii=False))
     result = {
         "benchmark": f"apply_filter_to_source on {args.n} x {BOX} px float32 images "
-                     f"({PX} Å/px), chunk size {args.chunk_size}, STAR + MRC in and out",
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "platform": platform.platform(), "python": platform.python_version(),
-                    "torch": torch.__version__},
+        f"({PX} Å/px), chunk size {args.chunk_size}, STAR + MRC in and out",
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
         "note": "wall-clock rates; the machine is shared: cpu_s / wall_s and the load average "
-                "show the contention during each run",
+        "show the contention during each run",
         "runs": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-    lines = ["| filter | images/s | target | wall s | CPU s | load before/after |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| filter | images/s | target | wall s | CPU s | load before/after |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        target = "" if r["target_img_s"] is None else (
-            f"≥ {r['target_img_s']} {'✓' if r['meets_target'] else '✗'}")
-        lines.append(f"| {r['filter']} | {r['images_per_s']:.0f} | {target} | {r['wall_s']} | "
-                     f"{r['cpu_s']} | {r['load_before']} / {r['load_after']} |")
+        target = (
+            ""
+            if r["target_img_s"] is None
+            else (f"≥ {r['target_img_s']} {'✓' if r['meets_target'] else '✗'}")
+        )
+        lines.append(
+            f"| {r['filter']} | {r['images_per_s']:.0f} | {target} | {r['wall_s']} | "
+            f"{r['cpu_s']} | {r['load_before']} / {r['load_after']} |"
+        )
     text = "\n".join([result["benchmark"], "", *lines, "", result["note"]]) + "\n"
     args.out.with_suffix(".md").write_text(text)
     print("\n".join(lines))

@@ -15,12 +15,10 @@ import argparse
 import json
 import os
 import platform
-import resource
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
+
+from _runner import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT.parent / "shared" / "data" / "structures" / "1aon.pdb.gz"
@@ -29,17 +27,24 @@ if not MODEL.exists():
 
 
 def run_once(n: int, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "cryosift.cli.main", "simulate", str(MODEL), "-o", str(out),
-           "--n-images", str(n), "--box", "128", "--pixel-size", "1.5", "--snr", "0.05",
-           "--device", "cpu", "--seed", "1"]
-    env = {**os.environ, "CRYOSIFT_NO_PROGRESS": "1"}
-    t0 = time.time()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    wall = time.time() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"simulate failed: {proc.stderr}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    wall, rss = run_cli(
+        "simulate",
+        str(MODEL),
+        "-o",
+        str(out),
+        "--n-images",
+        str(n),
+        "--box",
+        "128",
+        "--pixel-size",
+        "1.5",
+        "--snr",
+        "0.05",
+        "--device",
+        "cpu",
+        "--seed",
+        "1",
+    )
     record = json.loads((out / "simulation.json").read_text())
     setup = record.get("setup_seconds", 0.0)
     return {
@@ -48,15 +53,19 @@ def run_once(n: int, out: Path) -> dict:
         "setup_seconds": round(setup, 2),
         "images_per_second_total": round(n / wall, 1),
         "images_per_second_imaging": round(n / max(record["seconds"] - setup, 1e-9), 1),
-        "peak_rss_mb": round(max(peak, before) / 1024, 1),
+        "peak_rss_mb": round(rss, 1),
         "measured_snr": record["measured_snr"],
     }
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--sizes", type=int, nargs="+", default=[2000, 10000])
-    ap.add_argument("-o", "--out", type=Path, default=ROOT / "benchmarks" / "results" / "simulate.json")
+    ap.add_argument(
+        "-o", "--out", type=Path, default=ROOT / "benchmarks" / "results" / "simulate.json"
+    )
     args = ap.parse_args()
     rows = []
     for n in sorted(args.sizes):
@@ -64,16 +73,27 @@ def main() -> None:
             rows.append(run_once(n, Path(tmp) / "sim"))
             print(json.dumps(rows[-1]))
     result = {
-        "benchmark": "cryosift simulate, GroEL 1AON, 128 px, 1.5 Å/px, random orientations, CTF, noise",
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "benchmark": "cryosift simulate, GroEL 1AON, 128 px, 1.5 Å/px, random orientations, "
+        "CTF, noise",
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
         "target": ">= 500 images/s, peak RSS independent of N",
         "runs": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    lines = ["| N | wall s | set-up s | img/s (total) | img/s (imaging) | peak RSS MB |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['n_images']} | {r['wall_seconds']} | {r['setup_seconds']} | {r['images_per_second_total']} | "
-              f"{r['images_per_second_imaging']} | {r['peak_rss_mb']} |" for r in rows]
+    lines = [
+        "| N | wall s | set-up s | img/s (total) | img/s (imaging) | peak RSS MB |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['n_images']} | {r['wall_seconds']} | {r['setup_seconds']} | "
+        f"{r['images_per_second_total']} | {r['images_per_second_imaging']} | {r['peak_rss_mb']} |"
+        for r in rows
+    ]
     args.out.with_suffix(".md").write_text("\n".join([result["benchmark"], ""] + lines) + "\n")
     print("\n".join(lines))
 

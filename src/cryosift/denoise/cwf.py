@@ -591,6 +591,7 @@ class CovarianceWienerFilter:
         self.mean_: list[torch.Tensor | None] = []
         self.hmean_: list[torch.Tensor | None] = []
         self.wiener_: list[torch.Tensor] = []
+        self.cov_: list[torch.Tensor] = []
         self.n_components_ = 0
         for b in range(len(st.outer)):
             S = st.outer[b]  # (G, n_b, n_b): sum z z^*
@@ -636,6 +637,7 @@ class CovarianceWienerFilter:
                 C = _psd_part(T)
             else:
                 C = _psd_part(self._deconvolve(A, counts / n, T))
+            self.cov_.append(C)
             # Wiener matrices per group: W = C H^* (H C H^* + sigma^2 I)^{-1}
             HC = H @ C
             M = HC @ H.mH + sigma2 * eye
