@@ -27,6 +27,12 @@ def test_gaussian_equals_scipy(images, sigma):
     np.testing.assert_allclose(out, ref, atol=2e-5 * np.abs(ref).max())
 
 
+def test_gaussian_large_box_falls_back_to_scipy():
+    img = np.random.default_rng(2).normal(size=(1, 520, 520)).astype(np.float32)
+    out = make_filter("gaussian", sigma_px=1.5)(img)
+    np.testing.assert_allclose(out, ndi.gaussian_filter(img, sigma=(0, 1.5, 1.5)), atol=1e-6)
+
+
 @pytest.mark.parametrize("size", [3, 5])
 def test_median_equals_scipy(images, size):
     out = make_filter("median", size_px=size)(images)

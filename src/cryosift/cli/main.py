@@ -53,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Abort:
         click.echo("cryosift: aborted", err=True)
         return 130
+    except click.UsageError as exc:  # unknown option, missing argument: one line, like ours
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+        click.echo(f"cryosift: error: {' '.join(exc.format_message().split())}{hint}", err=True)
+        return exc.exit_code
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code

@@ -4,9 +4,11 @@ Both use scipy.ndimage's default boundary, ``mode='reflect'`` (the image is exte
 about its edge, d c b a | a b c d), and equal ``scipy.ndimage.gaussian_filter`` /
 ``median_filter`` applied image by image:
 
-* ``gaussian``: scipy.ndimage.gaussian_filter itself with σ = (0, σ, σ) on the whole batch (two
-  separable passes of the sampled kernel truncated at 4 σ; faster on CPU than FFT or torch
-  convolutions at these sizes);
+* ``gaussian``: scipy's separable passes written as matrix products, K · I · Kᵀ, where the (N, N)
+  matrix K holds scipy's sampled kernel (truncated at 4 σ) in every row with the reflected taps
+  folded in: the same sums as ``gaussian_filter`` in another order (float32 rounding), but run
+  by BLAS — about 3x the images per CPU-second of scipy's direct loops at 128 px; boxes above
+  512 px use scipy itself;
 * ``median`` of size 3: the 3x3 median computed as med3(max of column minima, median of column
   medians, min of column maxima) of the vertically sorted pixel triples (an exact identity), with
   torch minimum/maximum on whole batches; other sizes call scipy.ndimage.median_filter.
@@ -14,6 +16,7 @@ about its edge, d c b a | a b c d), and equal ``scipy.ndimage.gaussian_filter`` 
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -23,7 +26,7 @@ import torch
 from cryosift.errors import CryosiftError
 from cryosift.filters.base import BatchContext, Filter, int_at_least, positive, register
 
-__all__ = ["GaussianBlur", "Median", "median3x3", "mirror_index"]
+__all__ = ["GaussianBlur", "Median", "gaussian_matrix", "median3x3", "mirror_index"]
 
 TRUNCATE = 4.0  # scipy.ndimage.gaussian_filter's default
 
@@ -36,12 +39,33 @@ def mirror_index(n: int, before: int, after: int) -> torch.Tensor:
     return torch.from_numpy(i.astype(np.int64))
 
 
+#: above this box size the O(N³) matrix products cost more than scipy's direct O(N² σ) passes
+_MATMUL_MAX_BOX = 512
+
+
+@lru_cache(maxsize=32)
+def gaussian_matrix(n: int, sigma: float, truncate: float = TRUNCATE) -> torch.Tensor:
+    """(n, n) float32 K with K @ v = scipy.ndimage.gaussian_filter1d(v, sigma, mode='reflect').
+
+    Row i holds scipy's sampled, normalised kernel (radius int(truncate·σ + 0.5)) centred on i,
+    with the taps that fall outside [0, n) folded back onto the samples 'reflect' reads there.
+    """
+    radius = int(truncate * sigma + 0.5)
+    x = np.arange(-radius, radius + 1)
+    w = np.exp(-0.5 * (x / sigma) ** 2)
+    w /= w.sum()
+    rows = np.repeat(np.arange(n), x.size)
+    cols = mirror_index(n, radius, radius).numpy()[rows + np.tile(x, n) + radius]
+    k = np.zeros((n, n))
+    np.add.at(k, (rows, cols), np.tile(w, n))
+    return torch.from_numpy(k.astype(np.float32))
+
+
 @register
 class GaussianBlur(Filter):
     """Real-space Gaussian blur of standard deviation ``sigma_px`` pixels (scipy semantics)."""
 
     name = "gaussian"
-    threaded = False  # scipy.ndimage holds the GIL: threads would only add overhead
 
     def __init__(self, sigma_px: float = 1.0) -> None:
         self.sigma_px = positive(sigma_px, "gaussian sigma_px")
@@ -50,8 +74,13 @@ class GaussianBlur(Filter):
         return {"sigma_px": self.sigma_px, "truncate": TRUNCATE, "mode": "reflect"}
 
     def apply(self, images: np.ndarray, ctx: BatchContext) -> np.ndarray:
-        s = self.sigma_px
-        return ndi.gaussian_filter(images, sigma=(0.0, s, s), mode="reflect", truncate=TRUNCATE)
+        n = images.shape[-1]
+        if n > _MATMUL_MAX_BOX:
+            s = self.sigma_px
+            return ndi.gaussian_filter(images, sigma=(0.0, s, s), mode="reflect",
+                                       truncate=TRUNCATE)
+        k = gaussian_matrix(n, self.sigma_px)
+        return torch.matmul(k, torch.matmul(torch.from_numpy(images), k.T)).numpy()
 
 
 def _med3(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
