@@ -131,13 +131,13 @@ def _usable(method: Method, data: BenchData) -> bool:
 
 
 def score_denoisers(
-    data: BenchData, tune_images: int = 256, quick: bool = False
+    data: BenchData, tune_images: int = 256, quick: bool = False, only: list[str] | None = None
 ) -> dict[str, dict]:
     """Every registered denoiser at its defaults, and tuned on the clean images ('<name>_best')."""
     results: dict[str, dict] = {}
     parts = data.is_particle
     for method in available("denoiser"):
-        if not _usable(method, data):
+        if not _usable(method, data) or (only is not None and method.name not in only):
             continue
         runs = [(method.name, dict(method.quick) if quick else {})]
         if method.tune:
@@ -206,7 +206,13 @@ def score_screen_oracle(data: BenchData) -> dict[str, dict]:
     return {"matched_filter_oracle": scores}
 
 
-def run_benchmarks(ids: list[str], out_dir: Path, quick: bool = False, device: str = "cpu") -> dict:
+def run_benchmarks(
+    ids: list[str],
+    out_dir: Path,
+    quick: bool = False,
+    device: str = "cpu",
+    methods: list[str] | None = None,
+) -> dict:
     """Run the named benchmarks; returns {bench: {setting: {method: scores}}}."""
     results: dict = {}
     for bid in ids:
@@ -216,7 +222,7 @@ def run_benchmarks(ids: list[str], out_dir: Path, quick: bool = False, device: s
             data = load_dataset(spec, out_dir / "data" / bid / _slug(key), device)
             entry: dict = {}
             if "denoise" in spec.tasks:
-                entry.update(score_denoisers(data, tune_images=128 if quick else 256, quick=quick))
+                entry.update(score_denoisers(data, 128 if quick else 256, quick, methods))
             if "views" in spec.tasks:
                 entry.update(score_views_oracle(data))
             if "screen" in spec.tasks:
