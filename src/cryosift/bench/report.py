@@ -82,10 +82,11 @@ def psnr_vs_setting_plot(settings: dict, path: Path, metric: str = "psnr") -> Pa
     if not methods or len(keys) < 2:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for m in methods:
+    colours = plt.cm.tab20(range(20))
+    for i, m in enumerate(methods):
         ys = [settings[k].get(m, {}).get(metric, float("nan")) for k in keys]
         style = "--" if m.endswith("oracle") else "-"
-        ax.plot(range(len(keys)), ys, style, marker="o", ms=3, label=m)
+        ax.plot(range(len(keys)), ys, style, marker="o", ms=3, label=m, color=colours[i % 20])
     ax.set_xticks(range(len(keys)), keys, rotation=30, fontsize=8)
     ax.set_ylabel(metric)
     ax.legend(fontsize=6, ncol=2)
