@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from shared_data import SHARED_DATA
+
+DATA = SHARED_DATA
 STRUCTURES = DATA / "structures"
 MAPS = DATA / "maps"
 

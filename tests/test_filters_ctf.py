@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import mrcfile
 import numpy as np
 import pandas as pd
@@ -14,8 +12,9 @@ from cryosift.errors import CryosiftError
 from cryosift.filters import BatchContext, batch_ctf, make_filter
 from cryosift.io import merged_metadata, read_star
 from cryosift.metrics.image import cc
+from shared_data import SHARED_DATA
 
-STRUCTURE = Path(__file__).resolve().parents[2] / "shared" / "data" / "structures" / "5F9R.pdb"
+STRUCTURE = SHARED_DATA / "structures" / "5F9R.pdb"
 BOX, PX = 48, 4.0
 
 

@@ -19,8 +19,9 @@ from cryosift.io import (
     read_mrc_info,
     read_star,
 )
+from shared_data import SHARED_DATA
 
-DATA = (Path(__file__).parents[2] / "shared" / "data" / "particles").resolve()
+DATA = (SHARED_DATA / "particles").resolve()
 CRYODRGN = DATA / "cryodrgn_tests"
 ASPIRE = DATA / "aspire_sample"
 
