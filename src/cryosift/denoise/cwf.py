@@ -5,43 +5,49 @@ from one distribution shared by the whole stack, H_i the image's CTF, n_i white 
 sigma^2. The mean mu and covariance C of x are estimated from the noisy stack itself (noise
 subtracted, CTF deconvolved), then each image is denoised by the linear MMSE (Wiener) estimate
 
-    x_hat_i = mu + C H_i^T (H_i C H_i^T + sigma^2 I)^{-1} (y_i - H_i mu).
+    x_hat_i = mu + C H_i^* (H_i C H_i^* + sigma^2 I)^{-1} (y_i - H_i mu).
 
 What is returned is H_i x_hat_i, the denoised image *as imaged* (the target of cryosift's metrics:
 clean.mrcs holds the CTF-modulated images); ``ctf_corrected=True`` returns x_hat_i instead.
-Without CTF metadata H_i = I and the filter shrinks every principal component of the images by
-lambda / (lambda + sigma^2).
+Without CTF metadata H_i = I and the filter shrinks each principal component of the images by
+lambda / (lambda + sigma^2). With ``noise_var=0`` it keeps every direction the data span: the
+output is the input's orthogonal projection on the basis.
 
 Design (what is implemented, and why)
 -------------------------------------
 * **Steerable basis.** Images are expanded, inside the disk r < box/2 centred on pixel box//2,
   on Fourier-Bessel functions psi_kq(r, theta) = J_k(j_kq r / R) e^{i k theta} (j_kq the q-th
   zero of J_k, R = box/2), kept while j_kq < pi R * bandlimit (bandlimit 1 = the Nyquist
-  frequency), sampled on the pixels and made exactly orthonormal on that grid: symmetric
-  (Loewdin) orthonormalisation within each angular frequency k, then Newton-Schulz iterations to
-  the polar factor of the whole basis, i.e. the orthonormal set closest to the sampled functions.
-  The real basis holds psi_0q and sqrt(2) Re/Im psi_kq (k >= 1); the complex coefficient
-  z_kq = <psi_kq, y> of an image rotated by alpha is e^{-ik alpha} z_kq. A distribution that is
-  invariant under in-plane rotation therefore has mean only at k = 0 and a covariance that is
-  block diagonal in k, each block C_k a Hermitian n_k x n_k matrix (complex: chiral images are
-  not symmetrised over reflections, unlike a real-basis Cov2D). This is the exact limit of PCA
-  on a stack augmented with all in-plane rotations, at a fraction of the cost: every image gives
-  one sample to every block, and no rotated copies are computed. The default bandlimit 0.9 keeps
-  the sampled functions within 10 % of orthonormal before the final orthonormalisation; at 1.0
-  functions at the Nyquist frequency alias onto each other (cos/sin pairs overlap by up to 0.2)
-  and the steerable structure degrades. Pixels outside the disk are returned as the stack's
-  background level (see below); with a CTF the as-imaged output spreads the estimate beyond
-  the disk exactly as the microscope does. ``rotation_invariant=False`` keeps the same basis but
-  estimates one full covariance over all coefficients (plain PCA; no CTF), for comparison.
+  frequency; ~0.5 box^2 functions at the default 0.9). The real basis holds psi_0q and
+  sqrt(2) Re/Im psi_kq (k >= 1), sampled on the pixels and made exactly orthonormal there by
+  symmetric (Loewdin) orthonormalisation, phi (phi^T phi)^{-1/2}, the orthonormal set closest to
+  the sampled functions. That is done separately for the six classes of columns that the square
+  grid's symmetries leave coupled (k mod 4 in {0}, {2}, {1, 3}, times cosine/sine type): columns
+  of different classes are exactly orthogonal on the grid already. The complex coefficient
+  z_kq = <psi_kq, y> of an image rotated by alpha is e^{-ik alpha} z_kq, so a distribution that
+  is invariant under in-plane rotation has its mean at k = 0 only and a covariance that is block
+  diagonal in k, each block C_k a Hermitian n_k x n_k matrix (complex: chiral images are not
+  symmetrised over reflections, as a real-basis Cov2D would). This is the exact limit of PCA on
+  a stack augmented with all in-plane rotations, at a fraction of the cost: every image gives
+  one sample to every block and no rotated copy is ever computed. At bandlimit 0.9 the sampled
+  functions are within 10 % of orthonormal before the orthonormalisation (Gram eigenvalues in
+  [0.9, 1.1]), which therefore changes them little: rotations by 90 degrees act on the
+  coefficients as the phases above to 1e-5. At 1.0 the functions at the Nyquist frequency
+  alias onto each other (cos/sin pairs overlap by up to 0.2) and steerability degrades; on the
+  test stacks 1.0 is neutral at SNR <= 0.1, +0.15 dB at SNR 0.5 with CTF, and costs ~25 % more.
+  ``rotation_invariant=False`` keeps the basis but estimates one full covariance over all
+  coefficients (plain PCA; no CTF): better only for stacks without in-plane rotations at high
+  SNR. Pixels outside the disk get the stack's background level (below); with a CTF the
+  as-imaged output spreads the estimate beyond the disk as the microscope does.
 * **Noise variance** (when ``noise_var`` is not given): the power of the image corners (outside
   the disk, each image's corner mean removed) at spatial frequencies >= 0.3 cycles/pixel,
-  divided by the corners' share of the box: E|FFT(w n)|^2 = sigma^2 sum w^2 for white noise
-  under any mask w. The particle and most of its CTF fringes lie inside the disk, and what does
-  spill into the corners is mostly at low frequency, so the estimate is insensitive to the CTF
-  (bias +0.1 to +0.3 % on the test stacks, with and without CTF).
+  divided by the corners' share of the box (E|FFT(w n)|^2 = sigma^2 sum w^2 for white noise
+  under any mask w). The particle and most of its CTF fringes lie inside the disk and what does
+  reach the corners is mostly at low frequency, so the estimate holds with a CTF: bias +0.2 %
+  without CTF, +0.3 % with CTF at SNR 0.1, +1.7 % with CTF at SNR 2 on 48 px test stacks.
 * **Background level**: the mean of the corner pixels over the stack is subtracted before
-  fitting and added back to every output pixel (0 for normalised stacks; it keeps an offset
-  stack from being explained as signal).
+  fitting and added back to every output pixel (0 for normalised stacks; an offset stack is
+  then denoised exactly as the same stack without offset).
 * **Covariance from noisy data, eigenvalue shrinkage.** Per block, the sample covariance S of
   the coefficients (mean removed) has noise floor sigma^2 I. Its eigenvalues l (in units of
   sigma^2) are shrunk with the spiked-covariance (Marchenko-Pastur / BBP) law for dimension n_k
@@ -53,23 +59,26 @@ Design (what is implemented, and why)
   Donoho, Gavish & Johnstone 2018), "operator" to lambda, "none" to max(l - 1, 0).
 * **CTF-aware estimation** (metadata with rlnDefocusU): images are grouped by mean defocus into
   ``defocus_groups`` quantile bins, each with the average of its members' CTFs (RELION's
-  formula via ``cryosift.filters.ctf.batch_ctf``). A group's CTF acts on block k as the matrix
+  formula, ``cryosift.filters.ctf.batch_ctf``). A group's CTF acts on block k as the matrix
   H_kg = <psi_kq, A_g psi_kq'>, computed exactly on the grid by applying the CTF to every basis
-  function in a 2x zero-padded FFT (the CTF's spread beyond the disk is modelled; the coupling of
-  k to k +- 2 by astigmatism is neglected, as in Cov2D). Then, as ASPIRE's RotCov2D does:
-  the mean solves sum_g n_g H_g^* H_g mu = sum_g H_g^* sum_{i in g} z_i (block k = 0); the back-
-  projected covariance B = (1/n) sum_i H_i^* b_i b_i^* H_i (b_i = z_i - H_i mu) is whitened by its
-  noise part N = (sigma^2/n) sum_i H_i^* H_i, shrunk as above, unwhitened (giving T, the noise-free
-  part of B); and C solves the least-squares normal equations (1/n) sum_g n_g A_g C A_g = T,
-  A_g = H_g^* H_g, directly (Kronecker form, Tikhonov ``regularization`` relative to its mean
-  eigenvalue), then is projected on the positive semidefinite cone. The Wiener filter uses the
-  group's H_g; the as-imaged output applies each image's own exact CTF to x_hat_i.
-* **Scale.** Fitting is one streaming pass of sufficient statistics (per block and group: the
-  coefficient sums and outer products), on at most ``max_fit_images`` images drawn at random;
-  applying is a chunked pass: project on the basis (one (p x M) matrix product), per-block
-  complex matrix products, synthesise (one more product), and with a CTF one padded FFT per
-  image. Costs per image are O(p M) with p the disk's pixels and M ~ 0.8 * 0.785 box^2 basis
-  functions; the basis is built once per box size and bandlimit (cached).
+  function in a zero-padded FFT (``ctf_pad`` x the box, so the CTF's spread beyond the box is
+  not wrapped back; the coupling of k to k +- 2 by astigmatism is neglected, as in Cov2D). Then,
+  as ASPIRE's RotCov2D: the mean solves sum_g n_g H_g^* H_g mu = sum_g H_g^* sum_{i in g} z_i
+  (block k = 0); the back-projected covariance B = (1/n) sum_i H_i^* b_i b_i^* H_i (b_i = z_i -
+  H_i mu) is whitened by its noise part N = (sigma^2/n) sum_i H_i^* H_i, shrunk as above and
+  unwhitened (T: the noise-free part of B); C solves the least-squares normal equations
+  (1/n) sum_g n_g A_g C A_g = T, A_g = H_g^* H_g, directly (Kronecker form, Cholesky, Tikhonov
+  ``regularization`` relative to the mean eigenvalue) and is projected on the positive
+  semidefinite cone. The Wiener filter uses the group's H_g; the as-imaged output applies each
+  image's own exact CTF to x_hat_i.
+* **Scale.** Fitting is one streaming pass of sufficient statistics (per block and group:
+  coefficient sums and outer products) over at most ``max_fit_images`` images drawn at random,
+  after a cheap pass for the noise level; applying is chunked: project on the basis (one
+  (p x M) matrix product, p = pixels in the disk), small per-block complex products, synthesise
+  (one more product) and with a CTF one padded FFT per image. The basis is built once per box
+  size and bandlimit (cached in the process); its cost grows as box^6 (1 s at 64 px, ~35 s at
+  128 px on one core). Everything runs on the CPU (torch; small factorisations in numpy/scipy
+  LAPACK on one BLAS thread).
 """
 
 from __future__ import annotations
@@ -78,14 +87,15 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import scipy.linalg
 import torch
-from scipy.interpolate import CubicSpline
 from scipy.special import jn_zeros, jv
+from threadpoolctl import ThreadpoolController
 
 from cryosift.errors import CryosiftError
 from cryosift.filters.ctf import batch_ctf, hermitian_nyquist
@@ -155,21 +165,41 @@ class SteerableBasis:
         return out.reshape(-1, self.box, self.box)
 
     def block(self, coeffs: torch.Tensor, b: int) -> torch.Tensor:
-        """Complex coefficients z_kq (B, n_k) complex128 of block b from real coefficients."""
+        """Coefficients z_kq (B, n_k) of block b: float64 for k = 0, else complex128."""
         o, n = self.offsets[b], self.sizes[b]
         c = coeffs[:, o : o + self.width(b)].to(torch.float64)
         if self.ks[b] == 0:
-            return c.to(torch.complex128)
+            return c
         return torch.complex(c[:, :n], -c[:, n:]) / _SQRT2
 
-    def set_block(self, coeffs: torch.Tensor, b: int, z: torch.Tensor) -> None:
-        """Write complex block coefficients z (B, n_k) back into real coefficients (in place)."""
-        o, n = self.offsets[b], self.sizes[b]
-        if self.ks[b] == 0:
-            coeffs[:, o : o + n] = z.real.to(coeffs.dtype)
-        else:
-            coeffs[:, o : o + n] = (_SQRT2 * z.real).to(coeffs.dtype)
-            coeffs[:, o + n : o + 2 * n] = (-_SQRT2 * z.imag).to(coeffs.dtype)
+    @cached_property
+    def _layout(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gather indices of the padded block layout (K blocks x n_max): the cosine-type and
+        sine-type column of every (k, q), or the dummy column M where there is none; scales."""
+        n_blocks, n_max, m = len(self.ks), max(self.sizes), self.n_functions
+        cos = torch.full((n_blocks, n_max), m, dtype=torch.long)
+        sin = torch.full((n_blocks, n_max), m, dtype=torch.long)
+        for b, (k, n, o) in enumerate(zip(self.ks, self.sizes, self.offsets, strict=True)):
+            cos[b, :n] = torch.arange(o, o + n)
+            if k:
+                sin[b, :n] = torch.arange(o + n, o + 2 * n)
+        scale = torch.tensor([1.0 if k == 0 else 1.0 / _SQRT2 for k in self.ks])[:, None]
+        return cos, sin, scale.to(torch.float64)
+
+    def to_blocks(self, coeffs: torch.Tensor) -> torch.Tensor:
+        """All blocks at once, zero-padded: (K, B, n_max) complex128 (see :meth:`block`)."""
+        cos, sin, scale = self._layout
+        c = torch.cat([coeffs.to(torch.float64), coeffs.new_zeros(len(coeffs), 1).double()], 1)
+        return torch.complex(c[:, cos] * scale, -c[:, sin] * scale).permute(1, 0, 2)
+
+    def from_blocks(self, z: torch.Tensor) -> torch.Tensor:
+        """Real coefficients (B, M) float64 from padded blocks (K, B, n_max): to_blocks^-1."""
+        cos, sin, scale = self._layout
+        zt = z.permute(1, 0, 2)
+        out = torch.zeros(zt.shape[0], self.n_functions + 1, dtype=torch.float64)
+        out[:, cos] = zt.real / scale  # padding lands in the dummy column M, dropped below
+        out[:, sin] = -zt.imag / scale
+        return out[:, :-1]
 
 
 def _disk_coordinates(box: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -180,18 +210,37 @@ def _disk_coordinates(box: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return r < box / 2.0, r, np.arctan2(y, x)
 
 
-def _orthonormalise(phi: torch.Tensor, tol: float = 1e-6, max_iter: int = 8) -> torch.Tensor:
-    """Polar factor phi (phi^T phi)^{-1/2} by Newton-Schulz (phi already near-orthonormal)."""
-    eye = torch.eye(phi.shape[1], dtype=phi.dtype)
-    for _ in range(max_iter):
-        gram = phi.T @ phi
-        err = float((gram - eye).abs().max())
-        if err < tol:
-            break
-        if err > 0.9:  # Newton-Schulz needs singular values in (0, sqrt(3)); never expected here
-            raise CryosiftError(f"steerable basis is too far from orthonormal ({err:.2f})")
-        phi = 0.5 * phi @ (3.0 * eye - gram)
-    return phi
+def _hermite(step: float, f: np.ndarray, df: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Cubic Hermite interpolation of samples f, derivatives df on the grid 0, step, 2 step..."""
+    t = x / step
+    i = np.clip(np.floor(t).astype(np.int64), 0, len(f) - 2)
+    t = t - i
+    t2, t3 = t * t, t * t * t
+    return (
+        (2 * t3 - 3 * t2 + 1) * f[i]
+        + (t3 - 2 * t2 + t) * step * df[i]
+        + (3 * t2 - 2 * t3) * f[i + 1]
+        + (t3 - t2) * step * df[i + 1]
+    )
+
+
+def _loewdin(cols: torch.Tensor) -> torch.Tensor:
+    """Symmetric orthonormalisation cols (cols^T cols)^{-1/2}: the closest orthonormal set."""
+    gram = (cols.T @ cols).to(torch.float64)
+    w, v = _eigh(gram)
+    if float(w.min()) < 1e-3 * float(w.max()):  # never expected for bandlimit <= 1
+        raise CryosiftError("steerable basis functions are nearly dependent on this grid")
+    return cols @ ((v * w.rsqrt()) @ v.T).to(cols.dtype)
+
+
+def _symmetry_class(k: int, part: int) -> tuple[int, int]:
+    """Which columns can overlap on the pixel grid (the others are exactly orthogonal).
+
+    The disk's pixels are symmetric under the square's rotations and reflections, so
+    sum_p trig(k theta_p) trig(k' theta_p) vanishes unless k - k' or k + k' is 0 mod 4 (rotation
+    by 90 degrees), and cosine-type columns (part 0) are orthogonal to sine-type ones (y -> -y).
+    """
+    return (1 if k % 2 else k % 4), part
 
 
 @lru_cache(maxsize=4)
@@ -207,9 +256,10 @@ def steerable_basis(box: int, bandlimit: float = 0.9) -> SteerableBasis:
     radii, inverse = np.unique(rp, return_inverse=True)
     xmax = math.pi * radius * bandlimit
     grid = np.linspace(0.0, xmax, max(64, int(math.ceil(xmax / 0.05)) + 1))
-    columns: list[np.ndarray] = []
+    step = float(grid[1])
+    below, here = -jv(1, grid), jv(0, grid)  # J_{k-1}, J_k on the grid (J_{-1} = -J_1)
+    radial: list[np.ndarray] = []  # per block: J_k(j_kq r / R) on the disk's pixels, (p, n_k)
     ks: list[int] = []
-    sizes: list[int] = []
     offsets: list[int] = []
     offset = 0
     k = 0
@@ -218,33 +268,43 @@ def steerable_basis(box: int, bandlimit: float = 0.9) -> SteerableBasis:
         zeros = zeros[zeros < xmax]
         if not len(zeros):
             break
-        # J_k on a fine grid, splined to the pixel radii (|error| < 1e-7): far cheaper than
-        # evaluating the Bessel function at every (radius, zero) pair for large orders.
-        radial = CubicSpline(grid, jv(k, grid))(np.outer(radii, zeros) / radius)[inverse]
-        gram = radial.T @ radial
-        w, v = np.linalg.eigh(gram)
-        radial = radial @ (v / np.sqrt(w)) @ v.T  # Loewdin within the block
-        if k == 0:
-            columns.append(radial)
-        else:
-            columns.append(_SQRT2 * radial * np.cos(k * tp)[:, None])
-            columns.append(_SQRT2 * radial * np.sin(k * tp)[:, None])
+        # J_k on a fine grid, interpolated to the pixel radii with its derivative
+        # (J_{k-1} - J_{k+1}) / 2 (|error| < 1e-7): far cheaper than evaluating the Bessel
+        # function at every (radius, zero) pair for large orders.
+        above = jv(k + 1, grid)
+        x = np.outer(radii, zeros) / radius
+        radial.append(_hermite(step, here, 0.5 * (below - above), x)[inverse])
+        below, here = here, above
         ks.append(k)
-        sizes.append(len(zeros))
         offsets.append(offset)
         offset += len(zeros) * (1 if k == 0 else 2)
         k += 1
-    phi = torch.from_numpy(np.concatenate(columns, axis=1))
-    if phi.shape[1] > 3000:  # big boxes: float32 arithmetic (orthonormal to ~1e-6 anyway)
-        phi = phi.float()
-    phi = _orthonormalise(phi).to(torch.float32).contiguous()
+    # real columns (cos- then sin-type for k >= 1), orthonormalised class by class
+    dtype = torch.float64 if offset <= 3000 else torch.float32  # big boxes: float32 products
+    phi = torch.empty(len(rp), offset, dtype=torch.float32)
+    classes: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for b, kb in enumerate(ks):
+        for part in range(1 if kb == 0 else 2):
+            classes.setdefault(_symmetry_class(kb, part), []).append((b, part))
+    for members in classes.values():
+        cols, index = [], []
+        for b, part in members:
+            kb, n = ks[b], radial[b].shape[1]
+            trig = 1.0 if kb == 0 else (np.cos if part == 0 else np.sin)(kb * tp)[:, None]
+            block = radial[b] * trig
+            cols.append(block / np.linalg.norm(block, axis=0))
+            start = offsets[b] + part * n
+            index.append(np.arange(start, start + n))
+        with _single_blas_thread():
+            ortho = _loewdin(torch.from_numpy(np.concatenate(cols, axis=1)).to(dtype))
+        phi[:, torch.from_numpy(np.concatenate(index))] = ortho.to(torch.float32)
     return SteerableBasis(
         box=box,
         bandlimit=float(bandlimit),
         mask=torch.from_numpy(mask),
-        phi=phi,
+        phi=phi.contiguous(),
         ks=tuple(ks),
-        sizes=tuple(sizes),
+        sizes=tuple(x.shape[1] for x in radial),
         offsets=tuple(offsets),
     )
 
@@ -341,17 +401,43 @@ def _hermitian(a: torch.Tensor) -> torch.Tensor:
     return 0.5 * (a + a.mH)
 
 
-def _psd_power(a: torch.Tensor, power: float, floor: float = 0.0) -> torch.Tensor:
-    """a^power for a Hermitian PSD matrix (eigenvalues clamped at floor * max)."""
-    w, v = torch.linalg.eigh(_hermitian(a))
-    w = w.clamp_min(max(floor * float(w.max()), 0.0))
-    if power < 0:
-        w = torch.where(w > 0, w, torch.full_like(w, math.inf))
-    return (v * w.pow(power).to(v.dtype)) @ v.mH
+# Small dense factorisations go through numpy/scipy LAPACK with one BLAS thread (see
+# _single_blas_thread): threaded LAPACK can stall for seconds per call when the machine's cores
+# are busy with other processes (seen here: a 300 x 300 eigh taking 2-4 s instead of 5 ms), and
+# these calls are far too small to gain from threads.
+
+
+@lru_cache(maxsize=1)
+def _blas_controller() -> ThreadpoolController:
+    return ThreadpoolController()
+
+
+def _single_blas_thread() -> Any:
+    """Context: numpy/scipy BLAS and LAPACK on one thread (torch's own threads untouched)."""
+    return _blas_controller().limit(limits=1, user_api="blas")
+
+
+def _eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (ascending) and eigenvectors of a Hermitian matrix."""
+    w, v = np.linalg.eigh(_hermitian(a).numpy())
+    return torch.from_numpy(w), torch.from_numpy(v)
+
+
+def _solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a^{-1} b (batched)."""
+    return torch.from_numpy(np.linalg.solve(a.numpy(), b.numpy()))
+
+
+def _sqrt_and_inverse_sqrt(a: torch.Tensor, floor: float = 1e-10) -> tuple[torch.Tensor, ...]:
+    """(a^{1/2}, a^{-1/2}) of a Hermitian PSD matrix (eigenvalues clamped at floor * max)."""
+    w, v = _eigh(a)
+    w = w.clamp_min(max(floor * float(w.max()), 1e-300))
+    root = w.sqrt().to(v.dtype)
+    return (v * root) @ v.mH, (v / root) @ v.mH
 
 
 def _psd_part(a: torch.Tensor) -> torch.Tensor:
-    w, v = torch.linalg.eigh(_hermitian(a))
+    w, v = _eigh(a)
     return (v * w.clamp_min(0.0).to(v.dtype)) @ v.mH
 
 
@@ -396,20 +482,23 @@ def _mean_defocus(metadata: pd.DataFrame) -> np.ndarray:
     return d
 
 
-def _padded(images: torch.Tensor, box: int) -> torch.Tensor:
-    """Images (B, box, box) centred in a (B, 2 box, 2 box) field of zeros."""
-    out = torch.zeros(images.shape[0], 2 * box, 2 * box, dtype=images.dtype)
-    lo = box // 2
+def _padded(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Images (B, box, box) centred in a (B, size, size) field of zeros."""
+    box = images.shape[-1]
+    if size == box:
+        return images
+    out = torch.zeros(images.shape[0], size, size, dtype=images.dtype)
+    lo = (size - box) // 2
     out[:, lo : lo + box, lo : lo + box] = images
     return out
 
 
 def _apply_ctf(images: torch.Tensor, ctf: torch.Tensor) -> torch.Tensor:
-    """Each image times its CTF (on the 2x padded rfft grid), cropped back to the box."""
-    box = images.shape[-1]
-    spec = torch.fft.rfft2(_padded(images, box)) * ctf
-    lo = box // 2
-    return torch.fft.irfft2(spec, s=(2 * box, 2 * box))[:, lo : lo + box, lo : lo + box]
+    """Each image times its CTF (given on the rfft grid of the padded field), cropped back."""
+    box, size = images.shape[-1], ctf.shape[-2]
+    spec = torch.fft.rfft2(_padded(images, size)) * ctf
+    lo = (size - box) // 2
+    return torch.fft.irfft2(spec, s=(size, size))[:, lo : lo + box, lo : lo + box]
 
 
 # --------------------------------------------------------------------------------------------
@@ -438,6 +527,7 @@ class CovarianceWienerFilter:
         use_ctf: bool = True,
         max_fit_images: int = 20000,
         regularization: float = 1e-4,
+        ctf_pad: int = 2,
         chunk: int = 512,
         seed: int = 0,
     ) -> None:
@@ -449,8 +539,10 @@ class CovarianceWienerFilter:
             )
         if not 0.0 < bandlimit <= 1.0:
             raise CryosiftError(f"bandlimit must lie in (0, 1], got {bandlimit}")
-        if defocus_groups < 1 or max_fit_images < 1 or chunk < 1:
-            raise CryosiftError("defocus_groups, max_fit_images and chunk must be at least 1")
+        if min(defocus_groups, max_fit_images, chunk, ctf_pad) < 1:
+            raise CryosiftError(
+                "defocus_groups, max_fit_images, ctf_pad and chunk must be at least 1"
+            )
         self.noise_var = noise_var
         self.rotation_invariant = bool(rotation_invariant)
         self.bandlimit = float(bandlimit)
@@ -460,6 +552,7 @@ class CovarianceWienerFilter:
         self.use_ctf = bool(use_ctf)
         self.max_fit_images = int(max_fit_images)
         self.regularization = float(regularization)
+        self.ctf_pad = int(ctf_pad)
         self.chunk = int(chunk)
         self.seed = int(seed)
         self.fitted = False
@@ -476,6 +569,7 @@ class CovarianceWienerFilter:
             "use_ctf": self.use_ctf,
             "max_fit_images": self.max_fit_images,
             "regularization": self.regularization,
+            "ctf_pad": self.ctf_pad,
             "seed": self.seed,
         }
 
@@ -553,7 +647,8 @@ class CovarianceWienerFilter:
 
         # pass 2: sufficient statistics per block (and group)
         stats2 = _BlockStatistics(self.basis_, n_groups, self.rotation_invariant)
-        ctf_sum = torch.zeros(n_groups, 2 * box, box + 1, dtype=torch.float64) if ctf else None
+        size = self.ctf_pad * box
+        ctf_sum = torch.zeros(n_groups, size, size // 2 + 1, dtype=torch.float64) if ctf else None
         pos = 0
         for rows in progress(chunks, total=len(chunks), desc="CWF statistics", unit="chunk"):
             y = _load(images, _as_index(rows)) - self.background_
@@ -561,15 +656,22 @@ class CovarianceWienerFilter:
             pos += len(rows)
             stats2.add(self.basis_.expand(y), g)
             if ctf_sum is not None:
-                c = batch_ctf(metadata.iloc[rows], 2 * box, float(pixel_size)).double()
+                c = batch_ctf(metadata.iloc[rows], size, float(pixel_size)).double()
                 ctf_sum.index_add_(0, g, c)
         counts = stats2.counts
+        # a defocus bin that no fitted image fell in borrows its nearest non-empty neighbour
+        filled = np.flatnonzero(counts.numpy() > 0)
+        self.group_map_ = filled[
+            np.abs(np.arange(n_groups)[:, None] - filled[None, :]).argmin(axis=1)
+        ]
         if ctf_sum is not None:
             group_ctf = hermitian_nyquist(ctf_sum / counts.clamp_min(1.0)[:, None, None])
             h = _ctf_blocks(self.basis_, group_ctf)
         else:
             h = None
-        self._solve(stats2, h)
+        self.ctf_blocks_ = h
+        with _single_blas_thread():
+            self._solve(stats2, h)
         self.fit_seconds_ = time.time() - t0
         self.fitted = True
         log.info(
@@ -593,19 +695,19 @@ class CovarianceWienerFilter:
         self.wiener_: list[torch.Tensor] = []
         self.cov_: list[torch.Tensor] = []
         self.n_components_ = 0
-        for b in range(len(st.outer)):
-            S = st.outer[b]  # (G, n_b, n_b): sum z z^*
+        for b in range(st.n_blocks):
+            S = st.block_outer(b)  # (G, n_b, n_b): sum z z^*
             dim = S.shape[-1]
             eye = torch.eye(dim, dtype=S.dtype)
             H = h[b] if h is not None else eye.expand(S.shape[0], dim, dim)
             A = H.mH @ H
             # mean (only in the mean block: k = 0, or everything without rotation invariance)
-            if st.sums[b] is not None:
-                s = st.sums[b]  # (G, n_b)
+            s = st.block_sums(b)  # (G, n_b) or None
+            if s is not None:
                 lhs = (counts[:, None, None] * A).sum(0)
                 rhs = (H.mH @ s[..., None]).sum(0)[:, 0]
                 lhs = lhs + 1e-10 * float(lhs.diagonal().real.mean()) * eye
-                mu = torch.linalg.solve(lhs, rhs)
+                mu = _solve(lhs, rhs[:, None])[:, 0]
                 m = H @ mu  # (G, n_b): the mean as imaged in each group
                 S = (
                     S
@@ -620,42 +722,70 @@ class CovarianceWienerFilter:
                 self.mean_.append(None)
                 self.hmean_.append(None)
                 samples = n
+            # back-projected covariance B, its noise part N and T = B - N denoised by shrinkage;
+            # C solves the normal equations; W = C H^* (H C H^* + sigma^2 I)^{-1} per group
             gamma = dim / max(samples, 1.0)
+            weight = 1 if st.real[b] else 2  # real dimensions per component
+            if h is None:
+                ell, u = _eigh(S.sum(0) / n)
+                if sigma2 > 0:
+                    eta = shrink_eigenvalues(ell / sigma2, gamma, self.shrinker) * sigma2
+                    kept = eta > 0
+                else:  # no noise: the sample covariance itself
+                    eta = ell.clamp_min(0.0)
+                    kept = eta > 1e-10 * float(eta.max().clamp_min(1e-300))
+                self.n_components_ += int(kept.sum()) * weight
+                C = (u * eta.to(u.dtype)) @ u.mH
+                gain = torch.where(kept, eta / (eta + sigma2 + 1e-12 * float(eta.max())), 0.0)
+                self.cov_.append(C)
+                self.wiener_.append(((u * gain.to(u.dtype)) @ u.mH)[None])
+                continue
             B = _hermitian((H.mH @ S @ H).sum(0) / n)
             if sigma2 > 0:
-                noise = _hermitian(sigma2 * (counts[:, None, None] * A).sum(0) / n)
-                w_half = _psd_power(noise, 0.5)
-                w_inv = _psd_power(noise, -0.5, floor=1e-10)
-                ell, u = torch.linalg.eigh(_hermitian(w_inv @ B @ w_inv))
+                noise = sigma2 * (counts[:, None, None] * A).sum(0) / n
+                root, inv_root = _sqrt_and_inverse_sqrt(noise)
+                ell, u = _eigh(inv_root @ B @ inv_root)
                 eta = shrink_eigenvalues(ell, gamma, self.shrinker)
-                self.n_components_ += int((eta > 0).sum()) * (1 if st.real[b] else 2)
-                T = w_half @ ((u * eta.to(u.dtype)) @ u.mH) @ w_half
+                self.n_components_ += int((eta > 0).sum()) * weight
+                T = root @ ((u * eta.to(u.dtype)) @ u.mH) @ root
             else:
                 T = B
-                self.n_components_ += int(torch.linalg.matrix_rank(B)) * (1 if st.real[b] else 2)
-            if h is None:
-                C = _psd_part(T)
-            else:
-                C = _psd_part(self._deconvolve(A, counts / n, T))
+                self.n_components_ += int(np.linalg.matrix_rank(B.numpy(), hermitian=True)) * weight
+            C = _psd_part(self._deconvolve(A, counts / n, T))
             self.cov_.append(C)
-            # Wiener matrices per group: W = C H^* (H C H^* + sigma^2 I)^{-1}
             HC = H @ C
             M = HC @ H.mH + sigma2 * eye
             floor = 1e-12 * float(M.diagonal(dim1=-2, dim2=-1).real.abs().max()) + 1e-300
-            M = M + floor * eye
-            self.wiener_.append(torch.linalg.solve(M, HC).mH)
+            self.wiener_.append(_solve(M + floor * eye, HC).mH)
+        if self.rotation_invariant:
+            self._pad_blocks(len(counts))
+
+    def _pad_blocks(self, n_groups: int) -> None:
+        """Wiener matrices and means in the padded block layout used to apply the filter."""
+        sizes, n_max = self.basis_.sizes, max(self.basis_.sizes)
+        shape = (n_groups, len(sizes), n_max, n_max)
+        self.wiener_pad_ = torch.zeros(shape, dtype=torch.complex128)
+        self.mean_pad_ = torch.zeros(len(sizes), n_max, dtype=torch.complex128)
+        self.hmean_pad_ = torch.zeros(n_groups, len(sizes), n_max, dtype=torch.complex128)
+        for b, n in enumerate(sizes):
+            w = self.wiener_[b]
+            self.wiener_pad_[:, b, :n, :n] = w.expand(n_groups, n, n)
+        n0 = sizes[0]
+        self.mean_pad_[0, :n0] = self.mean_[0]
+        self.hmean_pad_[:, 0, :n0] = self.hmean_[0].expand(n_groups, n0)
 
     def _deconvolve(self, A: torch.Tensor, weights: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
         """C solving sum_g w_g A_g C A_g = T (Kronecker form, Tikhonov-regularised)."""
         dim = T.shape[-1]
-        # row-major vec: vec(A C A) = (A kron A^T) vec(C)
-        K = torch.zeros(dim * dim, dim * dim, dtype=T.dtype)
-        for g in range(A.shape[0]):
-            if weights[g] > 0:
-                K += float(weights[g]) * torch.kron(A[g], A[g].transpose(-2, -1))
+        # row-major vec: vec(A C A) = (A kron A^T) vec(C); K[(i,k),(j,l)] = sum_g w A_ij A_lk
+        w = weights.to(A.dtype)
+        K = torch.einsum("g,gij,glk->ikjl", w, A, A).reshape(dim * dim, dim * dim)
+        K = _hermitian(K)
         rho = self.regularization * float(K.diagonal().real.mean()) + 1e-300
-        K += rho * torch.eye(dim * dim, dtype=K.dtype)
-        return torch.linalg.solve(K, T.reshape(-1)).reshape(dim, dim)
+        K.diagonal().add_(rho)
+        factor = scipy.linalg.cho_factor(K.numpy(), lower=True, check_finite=False)
+        vec = scipy.linalg.cho_solve(factor, T.reshape(-1).numpy(), check_finite=False)
+        return torch.from_numpy(vec).reshape(dim, dim)
 
     # ---------------------------------------------------------------------------- applying
     def transform(self, images: Any, metadata: pd.DataFrame | None = None) -> np.ndarray:
@@ -672,7 +802,8 @@ class CovarianceWienerFilter:
                 raise CryosiftError("this CWF filter was fitted with CTFs: pass the metadata")
             if len(metadata) != n:
                 raise CryosiftError(f"CWF got {n} images but {len(metadata)} metadata rows")
-            groups = np.searchsorted(self.group_edges_, _mean_defocus(metadata), side="right")
+            defocus = _mean_defocus(metadata)
+            groups = self.group_map_[np.searchsorted(self.group_edges_, defocus, side="right")]
         else:
             groups = np.zeros(n, dtype=np.int64)
         out = np.empty((n, self.box_, self.box_), dtype=np.float32)
@@ -682,7 +813,8 @@ class CovarianceWienerFilter:
             y = _load(images, slice(start, stop)) - self.background_
             x = self._filter_chunk(y, groups[start:stop])
             if self.ctf_ and not self.ctf_corrected:
-                c = batch_ctf(metadata.iloc[start:stop], 2 * self.box_, self.pixel_size_)
+                size = self.ctf_pad * self.box_
+                c = batch_ctf(metadata.iloc[start:stop], size, self.pixel_size_)
                 x = _apply_ctf(x, hermitian_nyquist(c))
             out[start:stop] = (x + self.background_).numpy()
         return out
@@ -691,21 +823,18 @@ class CovarianceWienerFilter:
         basis = self.basis_
         coeffs = basis.expand(y).to(torch.float64)
         result = torch.empty_like(coeffs)
+        if self.rotation_invariant:  # all blocks at once, in the padded layout
+            z = basis.to_blocks(coeffs)
+            out = torch.empty_like(z)
+            for g in np.unique(groups):
+                rows = torch.from_numpy(np.flatnonzero(groups == g))
+                zg = z[:, rows] - self.hmean_pad_[g][:, None, :]
+                out[:, rows] = zg @ self.wiener_pad_[g].mT + self.mean_pad_[:, None, :]
+            return basis.evaluate(basis.from_blocks(out))
         for g in np.unique(groups):
             rows = torch.from_numpy(np.flatnonzero(groups == g))
             c = coeffs[rows]
-            part = torch.empty_like(c)
-            if self.rotation_invariant:
-                for b in range(len(basis.ks)):
-                    z = basis.block(c, b)
-                    if self.mean_[b] is not None:
-                        z = (z - self.hmean_[b][g]) @ self.wiener_[b][g].T + self.mean_[b]
-                    else:
-                        z = z @ self.wiener_[b][g].T
-                    basis.set_block(part, b, z)
-            else:
-                part = (c - self.hmean_[0][g]) @ self.wiener_[0][g].T + self.mean_[0]
-            result[rows] = part
+            result[rows] = (c - self.hmean_[0][g]) @ self.wiener_[0][g].T + self.mean_[0]
         return basis.evaluate(result)
 
 
@@ -717,62 +846,92 @@ def _as_index(rows: np.ndarray) -> slice | np.ndarray:
 
 
 class _BlockStatistics:
-    """Streaming sums of coefficients and their outer products, per block and defocus group."""
+    """Streaming sums of coefficients and their outer products, per block and defocus group.
+
+    Rotation-invariant: every block in one padded (G, K, n_max, n_max) tensor of sum z z^* and
+    the k = 0 sums (G, n_0); otherwise one real block over all M coefficients.
+    """
 
     def __init__(self, basis: SteerableBasis, n_groups: int, invariant: bool) -> None:
         self.basis = basis
         self.invariant = invariant
         self.counts = torch.zeros(n_groups, dtype=torch.float64)
         if invariant:
-            self.outer = [torch.zeros(n_groups, n, n, dtype=torch.complex128) for n in basis.sizes]
-            self.sums: list[torch.Tensor | None] = [
-                torch.zeros(n_groups, n, dtype=torch.complex128) if k == 0 else None
-                for k, n in zip(basis.ks, basis.sizes, strict=True)
-            ]
+            n_max = max(basis.sizes)
+            shape = (n_groups, len(basis.ks), n_max, n_max)
+            self.outer = torch.zeros(shape, dtype=torch.complex128)
+            self.sums = torch.zeros(n_groups, basis.sizes[0], dtype=torch.float64)
             self.real = [k == 0 for k in basis.ks]
         else:
             m = basis.n_functions
-            self.outer = [torch.zeros(n_groups, m, m, dtype=torch.float64)]
-            self.sums = [torch.zeros(n_groups, m, dtype=torch.float64)]
+            self.outer = torch.zeros(n_groups, 1, m, m, dtype=torch.float64)
+            self.sums = torch.zeros(n_groups, m, dtype=torch.float64)
             self.real = [True]
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.real)
+
+    def block_outer(self, b: int) -> torch.Tensor:
+        """(G, n_b, n_b): sum over each group's images of z z^* (real for a real block)."""
+        n = self.basis.sizes[b] if self.invariant else self.basis.n_functions
+        out = self.outer[:, b, :n, :n]
+        return out.real.contiguous() if self.real[b] else out.contiguous()
+
+    def block_sums(self, b: int) -> torch.Tensor | None:
+        """(G, n_b): sum of z over each group, for the block holding the mean (else None)."""
+        return self.sums if b == 0 else None
 
     def add(self, coeffs: torch.Tensor, groups: torch.Tensor) -> None:
         self.counts.index_add_(0, groups, torch.ones(len(groups), dtype=torch.float64))
         coeffs = coeffs.to(torch.float64)
+        z = self.basis.to_blocks(coeffs) if self.invariant else None  # (K, B, n_max)
         for g in torch.unique(groups).tolist():
-            c = coeffs[groups == g]
-            if not self.invariant:
-                self.outer[0][g] += c.T @ c
-                self.sums[0][g] += c.sum(0)
+            rows = groups == g
+            if z is None:
+                c = coeffs[rows]
+                self.outer[g, 0] += c.T @ c
+                self.sums[g] += c.sum(0)
                 continue
-            for b in range(len(self.basis.ks)):
-                z = self.basis.block(c, b)
-                self.outer[b][g] += z.T @ z.conj()
-                if self.sums[b] is not None:
-                    self.sums[b][g] += z.sum(0)
+            zg = z[:, rows]
+            self.outer[g] += zg.mT @ zg.conj()
+            self.sums[g] += zg[0, :, : self.basis.sizes[0]].real.sum(0)
 
 
 def _ctf_blocks(basis: SteerableBasis, group_ctf: torch.Tensor) -> list[torch.Tensor]:
-    """H_kg = <psi_kq, A_g psi_kq'> for every block: (G, n_k, n_k) complex128.
+    """H_kg = <psi_kq, A_g psi_kq'> for every block: (G, n_k, n_k), real for k = 0.
 
-    A_g multiplies an image's 2x-padded rfft2 by the group CTF; by Parseval the real block
-    Q = Phi_k^T A_g Phi_k is sum_f w_f CTF_g(f) Re(conj(F phi_a) F phi_b) / (2 box)^2.
+    A_g multiplies the rfft2 of an image zero-padded to the CTF's grid (size x size) by the group
+    CTF; by Parseval the real block Phi_k^T A_g Phi_k is sum_f w_f CTF_g(f) Re(conj(F phi_a)
+    F phi_b) / size^2. With the basis images centred on the field's origin, the spectra of block k
+    are real (k even) or imaginary (k odd): functions of parity (-1)^k under x -> -x.
     """
     box = basis.box
-    weight = _rfft_weights(2 * box).reshape(-1)
-    ctf = group_ctf.reshape(group_ctf.shape[0], -1) * weight / float((2 * box) ** 2)
-    ctf2 = torch.cat([ctf, ctf], dim=1)  # real and imaginary parts of the spectra
+    size = group_ctf.shape[-2]
+    n_groups = group_ctf.shape[0]
+    weight = _rfft_weights(size).reshape(-1)
+    ctf = group_ctf.reshape(n_groups, -1) * weight / float(size**2)
     out = []
-    mask = basis.mask.reshape(-1)
+    # where the disk's pixels land in the field when the centre pixel box//2 is its origin
+    wrap = (torch.arange(box) - box // 2) % size
+    where = (wrap[:, None] * size + wrap[None, :]).reshape(-1)[basis.mask.reshape(-1)]
     for b, k in enumerate(basis.ks):
         o, n, width = basis.offsets[b], basis.sizes[b], basis.width(b)
-        images = torch.zeros(width, box * box, dtype=torch.float64)
-        images[:, mask] = basis.phi[:, o : o + width].T.to(torch.float64)
-        spec = torch.fft.rfft2(_padded(images.reshape(width, box, box), box)).reshape(width, -1)
-        x = torch.cat([spec.real, spec.imag], dim=1)  # (width, 2F)
-        q = torch.stack([(x * c) @ x.T for c in ctf2])  # (G, width, width)
+        field = torch.zeros(width, size * size, dtype=torch.float64)
+        field[:, where] = basis.phi[:, o : o + width].T.to(torch.float64)
+        spec = torch.fft.rfft2(field.reshape(width, size, size)).reshape(width, -1)
+        x = (spec.real if k % 2 == 0 else spec.imag).contiguous()  # the other part is 0
+        step = max(1, int(2**25 // max(width * x.shape[1], 1)))  # <= 256 MB per product
+        q = torch.cat(
+            [
+                ((x[None] * ctf[g : g + step, None, :]).reshape(-1, x.shape[1]) @ x.T).reshape(
+                    -1, width, width
+                )
+                for g in range(0, n_groups, step)
+            ]
+        )
         if k == 0:
-            h = q.to(torch.complex128)
+            h = q
         else:
             pp, qq = q[:, :n, :n], q[:, n:, n:]
             pq, qp = q[:, :n, n:], q[:, n:, :n]
