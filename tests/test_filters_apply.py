@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from cryosift.io import (
     write_mrcs,
     write_star,
 )
+from sim_helpers import run_cli
 
 N, BOX, PX = 10, 32, 2.5
 
@@ -33,9 +33,7 @@ def _images(seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:BOX, :BOX] - BOX // 2
     blob = 3 * np.exp(-(xx**2 + yy**2) / 30.0)
-    return (rng.normal(size=(N, BOX, BOX)) + blob + np.arange(N)[:, None, None]).astype(
-        np.float32
-    )
+    return (rng.normal(size=(N, BOX, BOX)) + blob + np.arange(N)[:, None, None]).astype(np.float32)
 
 
 @pytest.fixture
@@ -46,16 +44,18 @@ def dataset(tmp_path) -> Path:
     write_mrcs(data / "particles.mrcs", _images(), PX)
     write_mrcs(data / "clean.mrcs", _images(1), PX)
     rng = np.random.default_rng(3)
-    parts = pd.DataFrame({
-        "rlnImageName": image_names(N, "particles.mrcs"),
-        "cryosiftCleanImageName": image_names(N, "clean.mrcs"),
-        "rlnAngleRot": rng.uniform(0, 360, N),
-        "rlnDefocusU": rng.uniform(1e4, 2e4, N),
-        "rlnDefocusV": rng.uniform(1e4, 2e4, N),
-        "rlnDefocusAngle": rng.uniform(0, 180, N),
-        "cryosiftIsParticle": np.arange(N) % 2,
-        "rlnOpticsGroup": 1,
-    })
+    parts = pd.DataFrame(
+        {
+            "rlnImageName": image_names(N, "particles.mrcs"),
+            "cryosiftCleanImageName": image_names(N, "clean.mrcs"),
+            "rlnAngleRot": rng.uniform(0, 360, N),
+            "rlnDefocusU": rng.uniform(1e4, 2e4, N),
+            "rlnDefocusV": rng.uniform(1e4, 2e4, N),
+            "rlnDefocusAngle": rng.uniform(0, 180, N),
+            "cryosiftIsParticle": np.arange(N) % 2,
+            "rlnOpticsGroup": 1,
+        }
+    )
     write_star(data / "particles.star", parts, make_optics_table(PX, BOX))
     return data / "particles.star"
 
@@ -88,8 +88,7 @@ def test_round_trip_keeps_metadata_and_pixel_size(dataset, tmp_path):
     assert res.optics["rlnImagePixelSize"].tolist() == [PX]
     pd.testing.assert_frame_equal(res.optics, src.optics)
     assert res.particles["rlnImageName"].tolist() == image_names(N, "filtered.mrcs")
-    keep = [c for c in src.particles.columns if c not in ("rlnImageName",
-                                                          "cryosiftCleanImageName")]
+    keep = [c for c in src.particles.columns if c not in ("rlnImageName", "cryosiftCleanImageName")]
     pd.testing.assert_frame_equal(res.particles[keep], src.particles[keep])
     # other image columns are re-expressed relative to the new STAR's folder
     assert res.particles["cryosiftCleanImageName"].iloc[0] == "000001@../../data/clean.mrcs"
@@ -117,8 +116,9 @@ def test_chunking_does_not_change_results(dataset, tmp_path):
 
 def test_bare_stack_gets_minimal_optics(tmp_path):
     write_mrcs(tmp_path / "stack.mrcs", _images(), 1.7)
-    out = apply_filter_to_source(tmp_path / "stack.mrcs", make_filter("median"),
-                                 tmp_path / "o" / "med.star")
+    out = apply_filter_to_source(
+        tmp_path / "stack.mrcs", make_filter("median"), tmp_path / "o" / "med.star"
+    )
     table = read_star(out)
     assert table.optics["rlnImagePixelSize"].tolist() == [1.7]
     assert table.optics["rlnImageSize"].tolist() == [BOX]
@@ -129,18 +129,17 @@ def test_bare_stack_gets_minimal_optics(tmp_path):
 def test_relion_30_star_with_per_particle_ctf(tmp_path):
     write_mrcs(tmp_path / "particles.mrcs", _images(), PX)
     rows = "\n".join(
-        f"{i + 1:06d}@particles.mrcs {15000 + 100 * i} {14800 + 100 * i} 30.0 300 2.7 0.1 "
-        "10000 2.5"
+        f"{i + 1:06d}@particles.mrcs {15000 + 100 * i} {14800 + 100 * i} 30.0 300 2.7 0.1 10000 2.5"
         for i in range(N)
     )
     (tmp_path / "old.star").write_text(
         "\ndata_\n\nloop_\n_rlnImageName #1\n_rlnDefocusU #2\n_rlnDefocusV #3\n"
         "_rlnDefocusAngle #4\n_rlnVoltage #5\n_rlnSphericalAberration #6\n"
-        "_rlnAmplitudeContrast #7\n_rlnMagnification #8\n_rlnDetectorPixelSize #9\n"
-        + rows + "\n"
+        "_rlnAmplitudeContrast #7\n_rlnMagnification #8\n_rlnDetectorPixelSize #9\n" + rows + "\n"
     )
-    out = apply_filter_to_source(tmp_path / "old.star", make_filter("phaseflip"),
-                                 tmp_path / "o" / "pf.star")
+    out = apply_filter_to_source(
+        tmp_path / "old.star", make_filter("phaseflip"), tmp_path / "o" / "pf.star"
+    )
     table = read_star(out)
     assert table.version == "3.1"
     assert table.optics["rlnImagePixelSize"].tolist() == [PX]  # 2.5 µm / 10,000 x
@@ -158,8 +157,9 @@ def test_bare_stack_without_pixel_size(tmp_path):
     with pytest.raises(InputError, match="pixel size"):
         apply_filter_to_source(tmp_path / "nopx.mrcs", make_filter("invert"), tmp_path / "x.star")
     assert "x.star" not in _files(tmp_path)
-    out = apply_filter_to_source(tmp_path / "nopx.mrcs", make_filter("invert"),
-                                 tmp_path / "x.star", pixel_size=3.0)
+    out = apply_filter_to_source(
+        tmp_path / "nopx.mrcs", make_filter("invert"), tmp_path / "x.star", pixel_size=3.0
+    )
     assert read_mrc_info(out.with_suffix(".mrcs")).pixel_size == 3.0
 
 
@@ -167,8 +167,9 @@ def test_ctf_filters_refused_without_ctf_before_writing(dataset, no_ctf_star, tm
     write_mrcs(tmp_path / "stack.mrcs", _images(), PX)
     out_dir = tmp_path / "o"
     with pytest.raises(CryosiftError, match="bare stack"):
-        apply_filter_to_source(tmp_path / "stack.mrcs", make_filter("phaseflip"),
-                               out_dir / "a.star")
+        apply_filter_to_source(
+            tmp_path / "stack.mrcs", make_filter("phaseflip"), out_dir / "a.star"
+        )
     chain = FilterChain([make_filter("lowpass", cutoff_frac=0.5), make_filter("wiener", snr=2)])
     with pytest.raises(CryosiftError, match="lacks rlnDefocusU, rlnDefocusV, rlnDefocusAngle"):
         apply_filter_to_source(no_ctf_star, chain, out_dir / "b.star")
@@ -205,8 +206,9 @@ def test_failures_leave_nothing_behind(dataset, tmp_path, monkeypatch):
             return images
 
     with pytest.raises(CryosiftError, match="filter failed"):
-        apply_filter_to_source(dataset, FailsOnSecondChunk([make_filter("invert")]),
-                               out_dir / "g.star", chunk_size=4)
+        apply_filter_to_source(
+            dataset, FailsOnSecondChunk([make_filter("invert")]), out_dir / "g.star", chunk_size=4
+        )
     assert _files(out_dir) == ["f.star"]
 
 
@@ -230,8 +232,10 @@ def test_chain_order_matters_and_is_recorded():
     np.testing.assert_allclose(a, low(hist(imgs)), atol=1e-6)
     np.testing.assert_allclose(b, hist(low(imgs)), atol=1e-6)
     assert np.abs(a - b).max() > 0.05
-    assert [f["name"] for f in FilterChain([hist, low]).params()["filters"]] == ["histeq",
-                                                                              "lowpass"]
+    assert [f["name"] for f in FilterChain([hist, low]).params()["filters"]] == [
+        "histeq",
+        "lowpass",
+    ]
     nested = FilterChain([FilterChain([hist]), make_filter("wiener", snr=1)])
     assert len(nested) == 2 and nested.needs_ctf and nested.needs_pixel_size
     with pytest.raises(CryosiftError, match="at least one"):
@@ -241,30 +245,23 @@ def test_chain_order_matters_and_is_recorded():
 # ---------------------------------------------------------------------------------------- CLI
 
 
-def _run(argv: list[str]) -> int:
-    """cryosift.cli.main.main(argv) with the root logger's handlers restored afterwards."""
-    from cryosift.cli.main import main
-
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    try:
-        return main(argv)
-    finally:
-        for h in list(root.handlers):
-            if h not in handlers:
-                root.removeHandler(h)
-        for h in handlers:
-            if h not in root.handlers:
-                root.addHandler(h)
-        root.setLevel(level)
+_run = run_cli  # the CLI with the root logger's handlers restored afterwards
 
 
 def test_cli_honours_command_line_order(dataset, tmp_path, monkeypatch):
     monkeypatch.setenv("CRYOSIFT_NO_PROGRESS", "1")
-    assert _run(["filter", str(dataset), "-o", str(tmp_path / "a.star"), "--histeq",
-                 "--lowpass", "10"]) == 0
-    assert _run(["filter", str(dataset), "-o", str(tmp_path / "b.star"), "--lowpass", "10",
-                 "--histeq"]) == 0
+    assert (
+        _run(
+            ["filter", str(dataset), "-o", str(tmp_path / "a.star"), "--histeq", "--lowpass", "10"]
+        )
+        == 0
+    )
+    assert (
+        _run(
+            ["filter", str(dataset), "-o", str(tmp_path / "b.star"), "--lowpass", "10", "--histeq"]
+        )
+        == 0
+    )
     a = open_source(tmp_path / "a.star").images(slice(None))
     b = open_source(tmp_path / "b.star").images(slice(None))
     hist, low = make_filter("histeq"), make_filter("lowpass", cutoff_A=10.0)
@@ -278,24 +275,74 @@ def test_cli_honours_command_line_order(dataset, tmp_path, monkeypatch):
 def test_cli_seed_000_chain_and_options(dataset, tmp_path, monkeypatch):
     monkeypatch.setenv("CRYOSIFT_NO_PROGRESS", "1")
     out = tmp_path / "pre.star"
-    assert _run(["filter", str(dataset), "-o", str(out), "--bilateral",
-                 "--bilateral-sigma-spatial", "1.5", "--bilateral-sigma-range", "2", "--histeq",
-                 "--chunk-size", "3"]) == 0
+    assert (
+        _run(
+            [
+                "filter",
+                str(dataset),
+                "-o",
+                str(out),
+                "--bilateral",
+                "--bilateral-sigma-spatial",
+                "1.5",
+                "--bilateral-sigma-range",
+                "2",
+                "--histeq",
+                "--chunk-size",
+                "3",
+            ]
+        )
+        == 0
+    )
     imgs = open_source(out).images(slice(None))
-    expected = make_filter("histeq")(make_filter("bilateral", sigma_spatial_px=1.5,
-                                                 sigma_range=2.0)(_images()))
+    expected = make_filter("histeq")(
+        make_filter("bilateral", sigma_spatial_px=1.5, sigma_range=2.0)(_images())
+    )
     # float rounding in the bilateral (chunks of 3 vs 10) may move a pixel across a histogram
     # bin edge, which moves the equalised values by 1/(pixels per image)
     np.testing.assert_allclose(imgs, expected, atol=2.0 / BOX**2)
     assert imgs.min() > 0 and imgs.max() <= 1
     out2 = tmp_path / "ctf.star"
-    assert _run(["filter", str(dataset), "-o", str(out2), "--normalize", "--bg-radius", "12",
-                 "--no-ramp", "--phase-flip", "--wiener", "5", "--clahe", "--clahe-clip", "0.02",
-                 "--median", "3", "--gaussian", "1", "--highpass", "40", "--invert"]) == 0
+    assert (
+        _run(
+            [
+                "filter",
+                str(dataset),
+                "-o",
+                str(out2),
+                "--normalize",
+                "--bg-radius",
+                "12",
+                "--no-ramp",
+                "--phase-flip",
+                "--wiener",
+                "5",
+                "--clahe",
+                "--clahe-clip",
+                "0.02",
+                "--median",
+                "3",
+                "--gaussian",
+                "1",
+                "--highpass",
+                "40",
+                "--invert",
+            ]
+        )
+        == 0
+    )
     record = json.loads((tmp_path / "ctf_filter.json").read_text())
     names = [f["name"] for f in record["parameters"]["filters"]]
-    assert names == ["normalize", "phaseflip", "wiener", "clahe", "median", "gaussian",
-                     "highpass", "invert"]
+    assert names == [
+        "normalize",
+        "phaseflip",
+        "wiener",
+        "clahe",
+        "median",
+        "gaussian",
+        "highpass",
+        "invert",
+    ]
     assert record["parameters"]["filters"][0]["radius_px"] == 12.0
 
 
@@ -321,8 +368,12 @@ def test_cli_seed_000_chain_and_options(dataset, tmp_path, monkeypatch):
 def test_cli_bad_input(dataset, no_ctf_star, tmp_path, capsys, args, message):
     write_mrcs(tmp_path / "stack.mrcs", _images(), PX)
     out_dir = tmp_path / "out"
-    subst = {"STAR": str(dataset), "NOCTF": str(no_ctf_star), "STACK": str(tmp_path / "stack.mrcs"),
-             "MISSING.star": str(tmp_path / "missing.star")}
+    subst = {
+        "STAR": str(dataset),
+        "NOCTF": str(no_ctf_star),
+        "STACK": str(tmp_path / "stack.mrcs"),
+        "MISSING.star": str(tmp_path / "missing.star"),
+    }
     argv = ["filter", *[subst.get(a, a).replace("OUT/", f"{out_dir}/") for a in args]]
     if "-o" not in argv:
         argv += ["-o", str(out_dir / "out.star")]
