@@ -68,6 +68,7 @@ def register(method: Method) -> Method:
 
 def _load_builtin() -> None:
     """Import the modules that register the built-in methods (idempotent)."""
+    import cryosift.denoise.cdae  # noqa: F401
     import cryosift.denoise.cwf  # noqa: F401
     import cryosift.denoise.methods  # noqa: F401
     import cryosift.filters.methods  # noqa: F401
