@@ -6,7 +6,8 @@ Noise2Noise, "ctf"), its default parameters and, for benchmarks, a grid to tune 
 method is one new module plus one `register(...)` call in it.
 
 Denoisers (kind "denoiser") are built into callables `f(task: DenoiseTask) -> np.ndarray` that
-return the denoised stack; screeners and clusterers follow the same pattern in their issues.
+return the denoised stack; screeners into `f(task: ScreenTask) -> np.ndarray` of particle
+probabilities; clusterers into `f(task: ClusterTask) -> ClusterResult`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,41 @@ class DenoiseTask:
     clean: np.ndarray | None = None
     noisy_b: np.ndarray | None = None
     seed: int = 0
+
+
+@dataclass
+class ScreenTask:
+    """Train on labelled images (1 = particle, 0 = junk), then score `images`."""
+
+    train_images: np.ndarray  # (M, box, box) float32
+    train_labels: np.ndarray  # (M,) int 0/1
+    images: np.ndarray  # (N, box, box) float32, to score
+    pixel_size: float
+    seed: int = 0
+    clean_templates: np.ndarray | None = None  # only for oracles
+
+
+@dataclass
+class ClusterTask:
+    """Group `images` into `k` classes (unsupervised)."""
+
+    images: np.ndarray  # (N, box, box) float32
+    k: int
+    pixel_size: float
+    metadata: pd.DataFrame | None = None
+    seed: int = 0
+    clean: np.ndarray | None = None  # only for oracles
+
+
+@dataclass
+class ClusterResult:
+    """Labels 0..k-1 per image; class averages; in-plane angle/shift for aligning methods."""
+
+    labels: np.ndarray  # (N,) int
+    averages: np.ndarray | None = None  # (k, box, box)
+    psi: np.ndarray | None = None  # (N,) degrees, RELION _rlnAnglePsi convention
+    shifts: np.ndarray | None = None  # (N, 2) Å, RELION _rlnOriginX/YAngst convention
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
