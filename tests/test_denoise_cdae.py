@@ -28,11 +28,11 @@ from cryosift.denoise.cdae import (
     save_cdae,
 )
 from cryosift.errors import InputError
-from cryosift.io import open_source
+from cryosift.io import open_source, write_mrcs
 from cryosift.metrics import psnr
 from cryosift.registry import DenoiseTask, get
 from cryosift.simulate import SimulationConfig, simulate
-from sim_helpers import data_file
+from sim_helpers import data_file, run_cli
 
 TINY_PRE = dict(box=32, pixel_size=6.0, n_per_view=40, views=2, epochs=2, seed=0)
 
@@ -219,3 +219,49 @@ def test_bench_methods_are_registered_and_share_the_fine_tuning(tmp_path, monkey
     assert plain.params["histeq"] is False and plain.params["k"] == 5
     assert get("denoiser", "dae").defaults["k"] == 30
     assert get("denoiser", "dae+histeq") is not None
+
+
+def test_cli_pretrain_finetune_apply_end_to_end(target_stack, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CRYOSIFT_NO_PROGRESS", "1")
+    noisy, clean = target_stack
+    write_mrcs(tmp_path / "stack.mrcs", noisy, pixel_size=6.0)
+    trpv1 = str(data_file("structures", "3J5P_refined_locscale.pdb"))
+    pre = ["-q", "denoise", "pretrain-cdae", trpv1, "-o", str(tmp_path / "pre"), "--box", "32",
+           "--pixel-size", "6", "--views", "2", "--n-per-view", "40", "--epochs", "2"]
+    assert run_cli(pre) == 0, capsys.readouterr().err
+    assert {p.name for p in (tmp_path / "pre").iterdir()} == {"model.pt", "model.json",
+                                                              "pretrain.json"}
+    train = ["-q", "denoise", "train", str(tmp_path / "stack.mrcs"), "--method", "cdae",
+             "--pretrained", str(tmp_path / "pre"), "-o", str(tmp_path / "tuned"),
+             "--epochs", "2", "--k", "20", "--batch-size", "16"]
+    assert run_cli(train) == 0, capsys.readouterr().err
+    meta = json.loads((tmp_path / "tuned" / "model.json").read_text())
+    assert meta["phase"] == "finetuned" and meta["pixel_size"] == 6.0 and not meta["histeq"]
+    record = json.loads((tmp_path / "tuned" / "finetune.json").read_text())
+    assert record["finetune"]["k"] == 20 and len(record["finetune"]["blocks"]) == 3
+    out = tmp_path / "den.star"
+    args = ["-q", "denoise", "apply", str(tmp_path / "stack.mrcs"), "--model",
+            str(tmp_path / "tuned"), "-o", str(out)]
+    assert run_cli(args) == 0, capsys.readouterr().err
+    src = open_source(out)
+    assert src.pixel_size == pytest.approx(6.0) and len(src) == len(noisy)
+    den = src.images(slice(None))
+    assert float(np.mean(psnr(den, clean))) > float(np.mean(psnr(noisy, clean))) + 6.0
+
+
+def test_cli_cdae_bad_requests_leave_nothing(target_stack, tmp_path, capsys, pretrained):
+    noisy, _ = target_stack
+    write_mrcs(tmp_path / "fine.mrcs", noisy[:40], pixel_size=2.0)  # pre-trained at 6 Å/px
+    base = ["-q", "denoise", "train", str(tmp_path / "fine.mrcs"), "--method", "cdae", "-o"]
+    assert run_cli([*base, str(tmp_path / "a")]) == 2
+    assert "--pretrained" in capsys.readouterr().err
+    code = run_cli([*base, str(tmp_path / "b"), "--pretrained", str(pretrained / "cdae")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Å/px" in err and err.count("\n") == 1
+    code = run_cli(["denoise", "pretrain-cdae", str(tmp_path / "none.pdb"), "-o",
+                    str(tmp_path / "c")])
+    assert code == 2 and "none.pdb" in capsys.readouterr().err
+    code = run_cli(["denoise", "pretrain-cdae", str(data_file("structures", "5F9R.pdb")), "-o",
+                    str(tmp_path / "d"), "--snrs", "0.1,0.4"])
+    assert code == 2 and "three" in capsys.readouterr().err
+    assert not any((tmp_path / n).exists() for n in "abcd")

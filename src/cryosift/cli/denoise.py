@@ -1,4 +1,5 @@
-"""`cryosift denoise train` / `apply`: learned denoisers (Noise2Noise, Noise2Void)."""
+"""`cryosift denoise train` / `apply` / `pretrain-cdae`: learned denoisers (Noise2Noise,
+Noise2Void, the CDAE cascade of seed 004)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ def command() -> None:
       cryosift denoise train particles.star --method n2v -o n2v_model --epochs 30
       cryosift denoise train even.star --pairs odd.star --method n2n -o n2n_model
       cryosift denoise apply particles.star --model n2v_model -o denoised.star
+      cryosift denoise apply particles.star --model general -o denoised.star
+      cryosift denoise pretrain-cdae trpv1.pdb -o cdae_pre --box 64 --pixel-size 3
+      cryosift denoise train particles.star --method cdae --pretrained cdae_pre -o cdae_model
     """
 
 
@@ -26,9 +30,10 @@ def command() -> None:
 @click.argument("stack", type=click.Path(path_type=Path))
 @click.option(
     "--method",
-    type=click.Choice(["n2n", "n2v"]),
+    type=click.Choice(["n2n", "n2v", "cdae"]),
     required=True,
-    help="n2n: two noisy copies (--pairs); n2v: single noisy images (blind spot).",
+    help="n2n: two noisy copies (--pairs); n2v: single noisy images (blind spot); cdae: "
+    "fine-tune a pre-trained cascade (--pretrained) on k-nearest-neighbour means (seed 004).",
 )
 @click.option(
     "-o",
@@ -44,7 +49,7 @@ def command() -> None:
     type=click.Path(path_type=Path),
     help="Second noisy copy of every image (same order): even/odd sums, or simulate --pairs.",
 )
-@click.option("--epochs", default=30, show_default=True)
+@click.option("--epochs", type=int, default=None, help="Epochs [n2n/n2v: 30; cdae: 5 per block].")
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--crop", default=64, show_default=True, help="Training crop size (px).")
 @click.option("--lr", default=1e-3, show_default=True, help="Adam learning rate.")
@@ -65,6 +70,12 @@ def command() -> None:
     show_default=True,
     help="Train on at most this many images (a random subset of a larger stack).",
 )
+@click.option(
+    "--pretrained",
+    help="cdae: pre-trained cascade (folder/file from pretrain-cdae, or a shipped model name).",
+)
+@click.option("--k", "k", default=30, show_default=True, help="cdae: nearest neighbours.")
+@click.option("--histeq", is_flag=True, help="cdae: histogram-equalise the output (004's HEE).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from the folder's last checkpoint.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
@@ -78,7 +89,8 @@ def train(
     device: str,
     **opts,
 ) -> None:
-    """Train Noise2Noise or Noise2Void on a stack; checkpoints every epoch, --resume continues."""
+    """Train Noise2Noise or Noise2Void on a stack (checkpoints every epoch, --resume continues),
+    or fine-tune a pre-trained CDAE on it."""
     import numpy as np
 
     from cryosift.denoise.training import TrainConfig, train_denoiser
@@ -87,8 +99,18 @@ def train(
     from cryosift.io import open_source
     from cryosift.provenance import provenance_record
 
+    pretrained, k, histeq = opts.pop("pretrained"), opts.pop("k"), opts.pop("histeq")
+    if method == "cdae":
+        if pretrained is None:
+            raise CryosiftError("--method cdae needs --pretrained (see 'denoise pretrain-cdae')")
+        if resume:
+            raise CryosiftError("--resume is for n2n/n2v (CDAE fine-tuning is minutes long)")
+    elif pretrained is not None:
+        raise CryosiftError("--pretrained is for --method cdae")
+    if opts["epochs"] is None:
+        opts["epochs"] = 5 if method == "cdae" else 30
     cfg = TrainConfig(
-        method=method,
+        method="n2v" if method == "cdae" else method,  # validated here, unused for cdae
         epochs=opts["epochs"],
         batch_size=opts["batch_size"],
         crop=opts["crop"],
@@ -120,8 +142,17 @@ def train(
     images_b = src_b.images(idx) if src_b is not None else None
     record = provenance_record(
         "denoise train",
-        {"stack": stack, "pairs": pairs, **opts, "method": method, "device": str(dev)},
+        {"stack": stack, "pairs": pairs, **opts, "method": method, "device": str(dev),
+         "pretrained": pretrained, "k": k, "histeq": histeq},
     )
+    if method == "cdae":
+        from cryosift.denoise.cdae import finetune_and_save
+
+        finetune_and_save(pretrained, images, model_dir, src.pixel_size, k=k,
+                          epochs=opts["epochs"], batch_size=opts["batch_size"], lr=opts["lr"],
+                          seed=opts["seed"], histeq=histeq, device=dev, provenance=record)
+        log.info("fine-tuned cascade in %s", model_dir / "model.pt")
+        return
     summary = train_denoiser(
         images,
         model_dir,
@@ -167,3 +198,57 @@ def apply(stack: Path, model_ref: str, out_star: Path, chunk_size: int, device: 
         model_ref, stack, out_star, device=select_device(device), chunk_size=chunk_size
     )
     log.info("wrote %s", out)
+
+
+@command.command("pretrain-cdae")
+@click.argument("structure", type=click.Path(path_type=Path))
+@click.option(
+    "-o", "--out", "out_dir", required=True,
+    type=click.Path(path_type=Path, file_okay=False), help="Model folder.",
+)
+@click.option("--box", default=64, show_default=True, help="Box of the simulated images (px).")
+@click.option("--pixel-size", default=3.0, show_default=True, help="Å/px of the simulation.")
+@click.option("--views", default=4, show_default=True, help="Fixed views simulated (004: 4).")
+@click.option("--n-per-view", default=1000, show_default=True, help="Images per view.")
+@click.option(
+    "--snrs", default="0.1,0.4,0.6", show_default=True,
+    help="SNR_low,SNR_mid,SNR_high: block 1 low->mid, 2 mid->high, 3 high->clean.",
+)
+@click.option("--epochs", default=10, show_default=True, help="Epochs per block.")
+@click.option("--widths", default="8,16,32", show_default=True,
+              help="Encoder widths (004's figure: 32,64,128).")
+@click.option("--single", is_flag=True, help="004's single-DAE baseline: one block, low->clean.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+def pretrain_cdae_command(
+    structure: Path, out_dir: Path, box: int, pixel_size: float, views: int, n_per_view: int,
+    snrs: str, epochs: int, widths: str, single: bool, seed: int, device: str,
+) -> None:
+    """Phase 1 of seed 004: pre-train the cascade on images simulated from STRUCTURE (a
+    protein other than the target); the weights are then fine-tuned on any stack by
+    'denoise train --method cdae --pretrained OUT'."""
+    from cryosift.denoise.cdae import pretrain_cdae, pretrain_single_dae
+    from cryosift.device import select_device
+    from cryosift.errors import CryosiftError, InputError
+    from cryosift.io.atomic import staged_folder
+
+    if not structure.is_file():
+        raise InputError("structure file not found", structure)
+    try:
+        snr_list = [float(v) for v in snrs.split(",")]
+        width_list = [int(v) for v in widths.split(",")]
+    except ValueError:
+        raise CryosiftError(
+            f"--snrs {snrs!r} / --widths {widths!r}: comma-separated numbers"
+        ) from None
+    if len(snr_list) != 3 or not all(0 < v < float("inf") for v in snr_list):
+        raise CryosiftError(f"--snrs needs three positive values, got {snrs!r}")
+    dev = select_device(device)
+    common = dict(box=box, pixel_size=pixel_size, n_per_view=n_per_view, views=views,
+                  epochs=epochs, seed=seed, device=dev, widths=width_list)
+    with staged_folder(out_dir) as tmp:
+        if single:
+            pretrain_single_dae(structure, tmp, snr=snr_list[0], **common)
+        else:
+            pretrain_cdae(structure, tmp, snrs=snr_list, **common)
+    log.info("pre-trained %s in %s", "DAE" if single else "cascade", out_dir / "model.pt")

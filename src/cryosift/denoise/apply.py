@@ -31,6 +31,15 @@ class NetworkFilter(Filter):
         return {"model": self.meta, "device": str(self.device)}
 
     def check(self, pixel_size: float | None, box: int) -> None:
+        span = self.meta.get("pixel_size_range")  # models trained across pixel sizes
+        if span and pixel_size:
+            lo, hi = float(span[0]) / MAX_PIXEL_SIZE_RATIO, float(span[1]) * MAX_PIXEL_SIZE_RATIO
+            if not lo <= pixel_size <= hi:
+                raise CryosiftError(
+                    f"the model was trained at {span[0]:.3g}-{span[1]:.3g} Å/px and accepts "
+                    f"{lo:.3g}-{hi:.3g} Å/px; the images are at {pixel_size:.3g} Å/px: "
+                    "resample the stack or train on it"
+                )
         trained = self.meta.get("pixel_size")
         if trained and pixel_size:
             ratio = max(trained / pixel_size, pixel_size / trained)
@@ -50,6 +59,10 @@ class NetworkFilter(Filter):
         for start in range(0, len(images), self.batch):
             x = torch.from_numpy(images[start : start + self.batch])[:, None].to(self.device)
             out[start : start + self.batch] = self.model(x)[:, 0].float().cpu().numpy()
+        if self.meta.get("histeq"):  # a CDAE fine-tuned with 004's histogram equalisation
+            from cryosift.denoise.cdae import histeq_keep_range
+
+            out = histeq_keep_range(out)
         return out
 
 

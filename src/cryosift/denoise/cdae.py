@@ -735,6 +735,43 @@ def finetune_cdae(
     }
 
 
+def finetune_and_save(
+    pretrained: str | Path,
+    images: np.ndarray,
+    out_dir: str | Path,
+    pixel_size: float | None,
+    histeq: bool = False,
+    provenance: dict | None = None,
+    **finetune: Any,
+) -> dict:
+    """`denoise train --method cdae`: fine-tune a pre-trained cascade (folder, file or shipped
+    name) on `images` and write OUT_DIR/model.pt + finetune.json (nothing on failure)."""
+    from cryosift.denoise.apply import MAX_PIXEL_SIZE_RATIO
+    from cryosift.denoise.model_io import resolve_model_path
+    from cryosift.io.atomic import staged_folder
+
+    path = resolve_model_path(pretrained)
+    cascade, meta = load_cdae(path)
+    trained = meta.get("pixel_size")
+    if trained and pixel_size:
+        ratio = max(trained / pixel_size, pixel_size / trained)
+        if ratio > MAX_PIXEL_SIZE_RATIO:
+            raise InputError(
+                f"pre-trained at {trained:.3g} Å/px but the stack is at {pixel_size:.3g} Å/px "
+                f"(factor {ratio:.2f} > {MAX_PIXEL_SIZE_RATIO}); pre-train at the stack's sampling",
+                path,
+            )
+    model, summary = finetune_cdae(cascade, images, copy_model=False, **finetune)
+    new_meta = {**{k: v for k, v in meta.items() if k not in ("architecture", "n_blocks")},
+                "phase": "finetuned", "pixel_size": pixel_size, "train_box": images.shape[-1],
+                "histeq": bool(histeq), "pretrained_from": str(path)}
+    record = {"finetune": summary, "pretrained_meta": meta, "provenance": provenance or {}}
+    with staged_folder(out_dir) as tmp:
+        save_cdae(tmp / "model.pt", model.cpu(), new_meta)
+        atomic_write_json(tmp / "finetune.json", record)
+    return record
+
+
 def cdae_denoise(
     cascade: CDAE, images: np.ndarray, histeq: bool = False,
     device: torch.device | str | None = None, batch: int = 128, nbins: int = 256,

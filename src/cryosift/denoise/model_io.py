@@ -79,6 +79,10 @@ def load_model(model: str | Path, device: torch.device | str = "cpu") -> tuple[n
     """(network in eval mode on `device`, its metadata) from a folder, file or shipped name."""
     path = resolve_model_path(model)
     payload = _load(path)
+    from cryosift.denoise import cdae
+
+    if isinstance(payload, dict) and payload.get("format") == cdae.FORMAT:
+        return cdae.load_cdae(path, device)  # a (fine-tuned or pre-trained) cascade
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise InputError("not a cryosift denoiser model (format tag missing)", path)
     meta = payload.get("meta") or {}

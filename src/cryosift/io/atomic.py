@@ -17,7 +17,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["atomic_path", "atomic_write_json", "atomic_write_text", "temp_path_for"]
+__all__ = [
+    "atomic_path", "atomic_write_json", "atomic_write_text", "staged_folder", "temp_path_for",
+]
 
 
 def temp_path_for(final: str | Path) -> Path:
@@ -51,6 +53,28 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def staged_folder(final: str | Path) -> Iterator[Path]:
+    """Yield a hidden staging folder beside ``final``; move its files into ``final`` on success.
+
+    A failed or interrupted block leaves ``final`` as it was (staging removed), so a folder of
+    outputs is either the previous one or the complete new one, file by file.
+    """
+    import shutil
+
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.parent / f".{final.name}.staging-{os.getpid()}-{secrets.token_hex(4)}"
+    staging.mkdir()
+    try:
+        yield staging
+        final.mkdir(exist_ok=True)
+        for item in sorted(staging.iterdir()):
+            os.replace(item, final / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
