@@ -15,3 +15,8 @@ class CryosiftError(Exception):
 
 class InputError(CryosiftError):
     """An input file is missing, unreadable, corrupt or inconsistent."""
+
+
+class OutputError(CryosiftError):
+    """An output file cannot be written (disk full, no permission, ...); nothing was saved and
+    any previous file at that path is kept."""

@@ -7,6 +7,8 @@ malicious checkpoint cannot run code; every failure becomes a one-line InputErro
 from __future__ import annotations
 
 import pickle
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +29,60 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         torch.save(state, tmp)
 
 
+def _check_zip(path: Path) -> None:
+    """Refuse a zip whose entries would inflate beyond the file (a zip bomb) before torch reads
+    it: torch writes its entries uncompressed, so every entry must be stored and together they
+    fit in the file. Only the zip directory is read; nothing is allocated from its sizes."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            entries = zf.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as exc:
+        raise InputError(f"unreadable or corrupt model file (bad zip: {exc})", path) from exc
+    size = path.stat().st_size
+    for e in entries:
+        if e.compress_type != zipfile.ZIP_STORED:
+            raise InputError(f"refused to load: entry {e.filename!r} is compressed (torch never "
+                             "compresses; a zip bomb?)", path)
+    declared = sum(e.file_size for e in entries)
+    if declared > size:
+        raise InputError(f"refused to load: entries declare {declared} bytes but the file holds "
+                         f"{size}", path)
+
+
 def _load(path: Path) -> Any:
     if not path.is_file():
         raise InputError("model file not found", path)
+    if zipfile.is_zipfile(path):
+        _check_zip(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about odd pickle protocols: noise here
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        text = " ".join(str(exc).split())
+        why = text.split("WeightsUnpickler error:")[-1].split("Check the documentation")[0]
         raise InputError(
-            f"refused to load: not a plain weights file ({str(exc).splitlines()[0]})", path
+            f"refused to load: not a plain weights file ({why.strip() or 'unpickling failed'})",
+            path,
         ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as exc:
-        raise InputError(f"unreadable or corrupt model file ({exc})", path) from exc
+    except Exception as exc:  # torch's readers raise many types on damaged files
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        raise InputError(f"unreadable or corrupt model file ({detail})", path) from exc
+
+
+def _check_weights(state: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The saved weights: a non-empty dict of names to finite real floating-point tensors."""
+    if not isinstance(state, dict) or not state:
+        raise InputError("no weights in the model file (state_dict missing or empty)", path)
+    for name, t in state.items():
+        if not isinstance(name, str) or not isinstance(t, torch.Tensor):
+            raise InputError(f"weights entry {name!r} is not a named tensor", path)
+        if not t.is_floating_point():
+            raise InputError(f"weights {name} have dtype {t.dtype}, not real floating point",
+                             path)
+        if not bool(torch.isfinite(t).all()):
+            raise InputError(f"weights {name} hold NaN or infinite values", path)
+    return state
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -86,10 +131,18 @@ def load_model(model: str | Path, device: torch.device | str = "cpu") -> tuple[n
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise InputError("not a cryosift denoiser model (format tag missing)", path)
     meta = payload.get("meta") or {}
+    if not isinstance(meta, dict) or not isinstance(meta.get("architecture"), dict):
+        raise InputError("model metadata has no architecture", path)
+    state = _check_weights(payload.get("state_dict"), path)
     try:
-        net = build_network(meta["architecture"])
-        net.load_state_dict(payload["state_dict"])
-    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+        # the architecture comes from the file: build it on the meta device (no memory, however
+        # large it claims to be), then take the file's own tensors, checked name by name and
+        # shape by shape; memory therefore never exceeds what the file holds
+        with torch.device("meta"):
+            net = build_network(meta["architecture"])
+        net.load_state_dict(state, assign=True)
+        net = net.float().to(device)
+    except Exception as exc:  # bad config values raise TypeError/ValueError/OverflowError...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"weights do not fit the saved architecture ({first})", path) from exc
-    return net.to(device).eval(), meta
+    return net.eval(), meta

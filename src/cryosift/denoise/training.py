@@ -188,13 +188,17 @@ def train_denoiser(
             raise CryosiftError(
                 "--resume: the checkpoint was trained with other parameters", ckpt_path
             )
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        gen.set_state(ck["generator"])
-        torch.set_rng_state(ck["torch_rng"])
-        start_epoch, history = ck["epoch"] + 1, ck["history"]
-        best = (ck["best_val"], ck["best_epoch"])
+        try:
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
+            sched.load_state_dict(ck["scheduler"])
+            gen.set_state(ck["generator"])
+            torch.set_rng_state(ck["torch_rng"])
+            start_epoch, history = int(ck["epoch"]) + 1, list(ck["history"])
+            best = (float(ck["best_val"]), int(ck["best_epoch"]))
+        except Exception as exc:  # a damaged or hand-made checkpoint: any of these may fail
+            detail = " ".join(str(exc).split()) or type(exc).__name__
+            raise CryosiftError(f"--resume: corrupt checkpoint ({detail})", ckpt_path) from exc
         log.info("resuming from epoch %d", start_epoch)
 
     steps = cfg.steps_per_epoch or max(1, len(train_idx) // cfg.batch_size)

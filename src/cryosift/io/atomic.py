@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,9 +18,14 @@ from typing import Any
 
 import numpy as np
 
+from cryosift.errors import CryosiftError, OutputError
+
 __all__ = [
-    "atomic_path", "atomic_write_json", "atomic_write_text", "staged_folder", "temp_path_for",
+    "atomic_path", "atomic_write_json", "atomic_write_text", "final_path_for", "output_error",
+    "staged_folder", "temp_path_for",
 ]
+
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.tmp-\d+-[0-9a-f]{8}")
 
 
 def temp_path_for(final: str | Path) -> Path:
@@ -37,21 +43,45 @@ def temp_path_for(final: str | Path) -> Path:
             return tmp
 
 
+def final_path_for(path: str | Path) -> Path:
+    """The final name a :func:`temp_path_for` name stands for (other paths are returned as
+    given), so that error messages name the file the user asked for."""
+    path = Path(path)
+    while (m := _TEMP_NAME.match(path.name)) is not None:  # a temporary of a temporary, too
+        path = path.with_name(m.group("name"))
+    return path
+
+
+def output_error(err: OSError, path: str | Path) -> OutputError:
+    """A one-line OutputError for a failed write (disk full, permission denied, ...)."""
+    why = err.strerror or " ".join(str(err).split()) or type(err).__name__
+    return OutputError(
+        f"cannot write ({why}); nothing was saved and any previous file is kept",
+        final_path_for(path),
+    )
+
+
 @contextmanager
 def atomic_path(final: str | Path) -> Iterator[Path]:
     """Yield a temporary path to write; rename it onto ``final`` when the block succeeds.
 
     The parent folder is created. If the block raises (including KeyboardInterrupt) the
-    temporary file is removed and whatever was at ``final`` before is left untouched.
+    temporary file is removed and whatever was at ``final`` before is left untouched; an
+    OSError (disk full, no permission) becomes a one-line :class:`OutputError` naming ``final``.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise output_error(err, final) from err
     tmp = temp_path_for(final)
     try:
         yield tmp
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not isinstance(exc, CryosiftError):
+            raise output_error(exc, final) from exc
         raise
 
 

@@ -27,7 +27,7 @@ from mrcfile.constants import MAP_ID
 from mrcfile.dtypes import HEADER_DTYPE
 
 from cryosift.errors import InputError
-from cryosift.io.atomic import atomic_path, temp_path_for
+from cryosift.io.atomic import atomic_path, output_error, temp_path_for
 
 __all__ = [
     "SUPPORTED_MODES",
@@ -299,8 +299,10 @@ class MrcsWriter:
             self._offset = int(mrc.header.nbytes + mrc.extended_header.nbytes)
             mrc.close()
             self._mrc = open(self._tmp, "r+b")  # noqa: SIM115 - closed in _finish/_abort
-        except BaseException:
+        except BaseException as exc:
             self._abort()
+            if isinstance(exc, OSError):  # disk full, no permission: one line, nothing saved
+                raise output_error(exc, self.path) from exc
             raise
         self._written = np.zeros(self.n, dtype=bool)
         self._next = 0
@@ -330,8 +332,11 @@ class MrcsWriter:
             first = start + int(np.argmax(self._written[start:stop]))
             raise ValueError(f"image {first} was already written; each image is written once")
         arr = np.asarray(arr, dtype=np.float32)
-        self._mrc.seek(self._offset + start * self.box * self.box * 4)
-        self._mrc.write(np.ascontiguousarray(arr, dtype="<f4").tobytes())
+        try:
+            self._mrc.seek(self._offset + start * self.box * self.box * 4)
+            self._mrc.write(np.ascontiguousarray(arr, dtype="<f4").tobytes())
+        except OSError as err:  # disk full: the caller's exit aborts; nothing is saved
+            raise output_error(err, self.path) from err
         self._written[start:stop] = True
         self._next = stop
         self._update_stats(arr)
@@ -367,8 +372,10 @@ class MrcsWriter:
             return
         try:
             self._finish()
-        except BaseException:
+        except BaseException as exc:
             self._abort()
+            if isinstance(exc, OSError):  # flushing or renaming failed (disk full, ...)
+                raise output_error(exc, self.path) from exc
             raise
 
     def _finish(self) -> None:

@@ -68,7 +68,9 @@ def read_star(path: str | Path) -> ParticleTable:
     try:
         blocks = starfile.read(path, always_dict=True)
     except Exception as err:  # starfile/pandas raise many types on malformed text
-        raise InputError(f"not a readable STAR file ({type(err).__name__}: {err})", path) from err
+        detail = " ".join(str(err).split())  # parser messages span lines; ours is one line
+        raise InputError(f"not a readable STAR file ({type(err).__name__}: {detail})",
+                         path) from err
     if not blocks:
         raise InputError("not a STAR file: no data blocks found", path)
     loops = {name: df for name, df in blocks.items() if isinstance(df, pd.DataFrame)}
@@ -86,10 +88,36 @@ def read_star(path: str | Path) -> ParticleTable:
         names = ", ".join(f"data_{k}" for k in blocks) or "none"
         raise InputError(f"no particle table found (data blocks: {names})", path)
     particles = particles.reset_index(drop=True)
+    _check_numeric(particles, "particles", path)
     if optics is not None:
         optics = optics.reset_index(drop=True)
+        _check_numeric(optics, "optics", path)
     return ParticleTable(particles=particles, optics=optics, version="3.1" if optics is not None
                          else "3.0")
+
+
+#: RELION columns that always hold numbers; text in them means a corrupt or hand-broken file
+NUMERIC_COLUMNS = frozenset(
+    "rlnOpticsGroup rlnVoltage rlnSphericalAberration rlnAmplitudeContrast rlnImagePixelSize "
+    "rlnPixelSize rlnDetectorPixelSize rlnMagnification rlnImageSize rlnImageDimensionality "
+    "rlnDefocusU rlnDefocusV rlnDefocusAngle rlnPhaseShift rlnCtfBfactor rlnCtfScalefactor "
+    "rlnOriginX rlnOriginY rlnOriginXAngst rlnOriginYAngst rlnAngleRot rlnAngleTilt "
+    "rlnAnglePsi rlnCoordinateX rlnCoordinateY rlnClassNumber rlnRandomSubset "
+    "rlnGroupNumber rlnCtfMaxResolution rlnCtfFigureOfMerit".split()
+)
+
+
+def _check_numeric(df: pd.DataFrame, block: str, path: Path) -> None:
+    """Refuse text in a column RELION defines as numeric (free for columns parsed as numbers)."""
+    for col in df.columns:
+        if col not in NUMERIC_COLUMNS or pd.api.types.is_numeric_dtype(df[col]):
+            continue
+        bad = pd.to_numeric(df[col], errors="coerce").isna() & df[col].notna()
+        if bad.any():
+            row = int(np.argmax(bad.to_numpy()))
+            raise InputError(
+                f"data_{block} row {row + 1}: {col} is {df[col].iloc[row]!r}, not a number", path
+            )
 
 
 def make_optics_table(
@@ -154,8 +182,12 @@ def split_image_names(
         & num.str.isdecimal().fillna(False)
         & (stack.str.len() > 0).fillna(False)
     ).to_numpy(dtype=bool)
+    # indices beyond int64 (say 10**30@x.mrcs) cannot be in any stack: parse them as a huge
+    # value so that the range check names them, instead of overflowing here
+    huge = (num.str.lstrip("0").str.len() > 18).fillna(False).to_numpy(dtype=bool)
     idx = np.zeros(len(s), dtype=np.int64)
-    idx[ok] = num[ok].astype("int64").to_numpy()
+    idx[ok & ~huge] = num[ok & ~huge].astype("int64").to_numpy()
+    idx[ok & huge] = np.iinfo(np.int64).max // 2
     ok &= idx >= 1
     if not ok.all():
         row = int(np.argmin(ok))
@@ -219,14 +251,37 @@ def merged_metadata(table: ParticleTable) -> pd.DataFrame:
         for c in extra:
             merged[c] = optics[c].iloc[0]
         return merged
+    if "rlnOpticsGroup" not in optics.columns:
+        raise InputError("particles name an rlnOpticsGroup but the optics table has no "
+                         "rlnOpticsGroup column")
     if optics["rlnOpticsGroup"].duplicated().any():
         dup = optics.loc[optics["rlnOpticsGroup"].duplicated(), "rlnOpticsGroup"].iloc[0]
         raise InputError(f"optics table lists group {dup} more than once")
-    merged = parts.merge(
-        optics[["rlnOpticsGroup", *extra]], on="rlnOpticsGroup", how="left", sort=False
-    )
+    _check_groups(optics["rlnOpticsGroup"], parts["rlnOpticsGroup"])
+    # join on the numeric group (a text column of "1"s must still match integer groups)
+    key = "__cryosift_optics_group"
+    left = parts.assign(**{key: pd.to_numeric(parts["rlnOpticsGroup"], errors="coerce")})
+    right = optics[extra].assign(**{key: pd.to_numeric(optics["rlnOpticsGroup"],
+                                                       errors="coerce")})
+    merged = left.merge(right, on=key, how="left", sort=False).drop(columns=key)
     merged.index = parts.index
     return merged
+
+
+def _check_groups(defined: pd.Series, used: pd.Series) -> None:
+    """Optics groups are whole numbers and every particle's group is defined (InputError)."""
+    d = pd.to_numeric(defined, errors="coerce")
+    bad = d.isna() | (d != np.round(d))
+    if bad.any():
+        row = int(np.argmax(bad.to_numpy()))
+        raise InputError(f"optics table row {row + 1}: rlnOpticsGroup {defined.iloc[row]!r} is "
+                         "not a whole number")
+    u = pd.to_numeric(used, errors="coerce")
+    unknown = (~u.isin(d)).to_numpy()
+    if unknown.any():
+        row = int(np.argmax(unknown))
+        raise InputError(f"particle row {row + 1} has rlnOpticsGroup {used.iloc[row]!r}, which "
+                         "the optics table does not define")
 
 
 def _format_column(col: pd.Series, name: str) -> pd.Series:
