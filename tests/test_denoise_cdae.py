@@ -265,3 +265,21 @@ def test_cli_cdae_bad_requests_leave_nothing(target_stack, tmp_path, capsys, pre
                     str(tmp_path / "d"), "--snrs", "0.1,0.4"])
     assert code == 2 and "three" in capsys.readouterr().err
     assert not any((tmp_path / n).exists() for n in "abcd")
+
+
+def test_shipped_phase1_weights_serve_the_benchmark_defaults():
+    from cryosift.denoise.cdae import BENCH_DEFAULTS as B
+    from cryosift.denoise.cdae import shipped_pretrained
+    from cryosift.denoise.model_io import load_model
+
+    pre = {"n_per_view": B["n_per_view"], "views": B["views"], "epochs": B["pretrain_epochs"],
+           "widths": list(B["widths"]), "seed": B["pretrain_seed"]}
+    cascade = shipped_pretrained("cdae", 64, 3.0, {**pre, "snrs": list(B["snrs"])})
+    single = shipped_pretrained("dae", 64, 3.0, {**pre, "snr": B["snrs"][0]})
+    assert cascade is not None and single is not None
+    assert shipped_pretrained("dae", 64, 3.0, {**pre, "snr": 0.2}) is None  # other recipe
+    assert shipped_pretrained("cdae", 48, 3.0, {**pre, "snrs": list(B["snrs"])}) is None
+    model, meta = load_model("cdae-trpv1-box64-px3")  # by shipped name, as the CLI does
+    assert isinstance(model, CDAE) and model.n_blocks == 3 and meta["pixel_size"] == 3.0
+    assert meta["pretrain"]["structure"] == "3J5P_refined_locscale.pdb"
+    assert load_cdae(single)[0].n_blocks == 1

@@ -60,3 +60,27 @@ register(
         quick=BENCH_QUICK,
     )
 )
+
+
+def _shipped(name: str):
+    def factory(**params: Any):
+        def run(task: DenoiseTask) -> np.ndarray:
+            from cryosift.denoise.model_io import load_model
+
+            model, meta = load_model(name)
+            run.params = {"model": name, "recipe": meta.get("recipe")}  # type: ignore[attr-defined]
+            return denoise_array(model, task.noisy)
+
+        return run
+
+    return factory
+
+
+register(
+    Method(
+        "denoiser",
+        "general",
+        _shipped("general"),
+        "shipped general Noise2Noise U-Net (4 other proteins, SNR 0.01-0.5, no training here)",
+    )
+)

@@ -1,0 +1,133 @@
+"""The shipped general Noise2Noise model: what it was trained on, how, and how to retrain it.
+
+Like Topaz-Denoise's general model, it lets users denoise a stack offline with no training
+(`cryosift denoise apply --model general`). It is a small seed-003 U-Net trained with Noise2Noise
+on pairs of noise realisations simulated by `cryosift simulate` from four structures of
+shared/data/structures (TRPV1 3J5P, 20S proteasome 3J9I, 4V1W, SpCas9 5F9R) at several pixel
+sizes, random orientations, SNR 0.01-0.5 (log-spaced), two thirds of the runs with CTF and
+one third without. GroEL (1AON) is deliberately left out: it is the structure of benchmark B1 and
+of `cryosift demo`, so the figures there measure generalisation to an unseen protein.
+
+`scripts/train_general_model.py` calls `train_general_model` and copies the result into the
+package (src/cryosift/data/models/general.pt); the training record travels in the model's
+metadata.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cryosift.denoise.training import TrainConfig, train_denoiser
+from cryosift.io import open_source
+
+log = logging.getLogger("cryosift")
+
+# (structure file in shared/data/structures, pixel size in Å, box): particle diameters of
+# ~40-95 px, pixel sizes 1.5-4 Å, so the model sees features at several sizes in pixels.
+GENERAL_CONFIGS: tuple[tuple[str, float, int], ...] = (
+    ("3J5P_refined_locscale.pdb", 1.5, 96),
+    ("3J5P_refined_locscale.pdb", 3.5, 64),
+    ("3j9i.pdb.gz", 2.0, 96),
+    ("3j9i.pdb.gz", 3.0, 64),
+    ("4v1w.cif.gz", 2.2, 64),
+    ("4v1w.cif.gz", 3.2, 64),
+    ("5F9R.pdb", 1.8, 96),
+    ("5F9R.pdb", 3.2, 64),
+)
+GENERAL_SNRS: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
+
+
+@dataclass(frozen=True)
+class GeneralRecipe:
+    """Everything that determines the general model (recorded in its metadata)."""
+
+    configs: tuple[tuple[str, float, int], ...] = GENERAL_CONFIGS
+    snrs: tuple[float, ...] = GENERAL_SNRS
+    n_per_run: int = 256
+    crop: int = 48
+    width: int = 8
+    depth: int = 4
+    epochs: int = 12
+    patience: int = 3
+    batch_size: int = 32
+    seed: int = 0
+
+    @property
+    def pixel_size_range(self) -> tuple[float, float]:
+        sizes = [c[1] for c in self.configs]
+        return min(sizes), max(sizes)
+
+
+def simulate_training_pairs(
+    recipe: GeneralRecipe, structures_dir: Path, work_dir: Path, device: str = "cpu"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Simulate every (structure, pixel size, SNR) run with pairs; crops of `recipe.crop` px.
+
+    Returns two (N, crop, crop) float32 stacks: the two noise realisations of the same images.
+    Boxes larger than the crop are centre-cropped so that all runs stack into one array.
+    """
+    from cryosift.simulate import SimulationConfig, simulate
+
+    a_parts, b_parts = [], []
+    run = 0
+    for structure, pixel_size, box in recipe.configs:
+        for snr in recipe.snrs:
+            folder = work_dir / f"run{run:03d}"
+            cfg = SimulationConfig(
+                n_images=recipe.n_per_run, box=box, pixel_size=pixel_size, snr=snr,
+                ctf=run % 3 != 2, pairs=True, seed=recipe.seed * 1000 + run,
+            )
+            log.info("general model data %d: %s %.2f Å/px box %d SNR %g CTF %s", run,
+                     structure, pixel_size, box, snr, cfg.ctf)
+            simulate(structures_dir / structure, folder, cfg, device=device, command="general")
+            c0 = (box - recipe.crop) // 2
+            crop = (slice(None), slice(c0, c0 + recipe.crop), slice(c0, c0 + recipe.crop))
+            a_parts.append(open_source(folder / "particles.star").images(slice(None))[crop])
+            b_parts.append(open_source(folder / "particles_b.mrcs").images(slice(None))[crop])
+            shutil.rmtree(folder)
+            run += 1
+    return np.concatenate(a_parts), np.concatenate(b_parts)
+
+
+def train_general_model(
+    recipe: GeneralRecipe, structures_dir: Path, work_dir: Path, device: str = "cpu"
+) -> Path:
+    """Simulate the training pairs and train the general N2N model; returns its model.pt."""
+    work_dir = Path(work_dir)
+    a, b = simulate_training_pairs(recipe, structures_dir, work_dir / "data", device)
+    log.info("training the general model on %d pairs of %d px", len(a), a.shape[-1])
+    cfg = TrainConfig(
+        method="n2n", epochs=recipe.epochs, batch_size=recipe.batch_size, crop=recipe.crop,
+        patience=recipe.patience, width=recipe.width, depth=recipe.depth, seed=recipe.seed,
+    )
+    model_dir = work_dir / "model"
+    summary = train_denoiser(a, model_dir, cfg, images_b=b, device=device)
+    _stamp_general_meta(model_dir / "model.pt", recipe, summary)
+    return model_dir / "model.pt"
+
+
+def _stamp_general_meta(path: Path, recipe: GeneralRecipe, summary: dict) -> None:
+    """Record the recipe and the pixel-size range the model may be applied at."""
+    import torch
+
+    from cryosift.denoise.model_io import load_model, save_model
+
+    model, meta = load_model(path)
+    lo, hi = recipe.pixel_size_range
+    meta = {
+        **meta,
+        "name": "general",
+        "pixel_size": None,
+        "pixel_size_range": [lo, hi],
+        "recipe": asdict(recipe),
+        "best_epoch": summary["best_epoch"],
+        "best_val_loss": summary["best_val_loss"],
+        "train_seconds": summary["seconds"],
+        "torch": str(torch.__version__),
+    }
+    save_model(path, model, meta)
