@@ -104,11 +104,14 @@ def register(method: Method) -> Method:
 
 def _load_builtin() -> None:
     """Import the modules that register the built-in methods (idempotent)."""
+    import cryosift.classify.drvae  # noqa: F401
+    import cryosift.classify.methods  # noqa: F401
     import cryosift.denoise.cdae  # noqa: F401
     import cryosift.denoise.cwf  # noqa: F401
     import cryosift.denoise.methods  # noqa: F401
     import cryosift.filters.methods  # noqa: F401
     import cryosift.oracles.methods  # noqa: F401
+    import cryosift.screen.methods  # noqa: F401
 
 
 def get(kind: str, name: str) -> Method:

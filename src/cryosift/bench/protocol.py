@@ -14,7 +14,8 @@ from pathlib import Path
 from cryosift.errors import CryosiftError
 
 # Tasks a dataset is scored on: "denoise" (image quality of every registered denoiser against
-# the clean stack), "views" (nearest-clean-view clustering oracle), "screen" (matched filter).
+# the clean stack), "views" (nearest-clean-view clustering oracle and every clusterer), "screen"
+# (matched filter), "classes" (2D class averages against clean projections, bench/clustering.py).
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,7 @@ def _b5() -> Benchmark:
         junk_fraction=0.3,
         junk_types=("noise", "ice", "carbon", "aggregate", "fragment"),
         seed=50,
-        tasks=("denoise", "screen"),
+        tasks=("denoise", "screen", "classes"),
     )
     return Benchmark(
         "B5",

@@ -23,6 +23,13 @@ COLUMNS = {
         "class_average_frc_resolution_A",
     ],
     "screener": ["accuracy", "precision", "recall", "f1", "roc_auc"],
+    "classes2d": [
+        "class_average_frc_resolution_A",
+        "best_class_frc_resolution_A",
+        "angular_spread_deg",
+        "min_max_class_ratio",
+        "images_per_second",
+    ],
 }
 
 

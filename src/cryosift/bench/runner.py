@@ -225,8 +225,19 @@ def run_benchmarks(
                 entry.update(score_denoisers(data, 128 if quick else 256, quick, methods))
             if "views" in spec.tasks:
                 entry.update(score_views_oracle(data))
+                from cryosift.bench.clustering import score_clusterers
+
+                entry.update(score_clusterers(data, quick, methods))
+            if "classes" in spec.tasks:
+                from cryosift.bench.clustering import score_classes_realistic
+
+                entry.update(score_classes_realistic(data, quick, methods))
             if "screen" in spec.tasks:
                 entry.update(score_screen_oracle(data))
+                from cryosift.bench.screening import score_screeners
+
+                train_dir = out_dir / "data" / bid / (_slug(key) + "_train")
+                entry.update(score_screeners(data, train_dir, quick, methods, device))
             results[bid][key] = entry
     return results
 

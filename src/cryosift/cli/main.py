@@ -33,10 +33,10 @@ def cli(verbose: int, quiet: bool) -> None:
 
 
 def _register() -> None:
-    from cryosift.cli import bench, demo, denoise, evaluate, simulate
+    from cryosift.cli import bench, classify, demo, denoise, evaluate, screen, simulate
     from cryosift.cli import filter as filter_cli
 
-    for module in (simulate, filter_cli, denoise, evaluate, bench, demo):
+    for module in (simulate, filter_cli, denoise, screen, classify, evaluate, bench, demo):
         cli.add_command(module.command)
 
 
