@@ -15,7 +15,7 @@ from cryosift.denoise.apply import denoise_array
 from cryosift.denoise.model_io import load_model, save_model
 from cryosift.denoise.networks import UNet, UNetConfig
 from cryosift.denoise.training import TrainConfig, n2v_mask, train_denoiser
-from cryosift.errors import InputError
+from cryosift.errors import CryosiftError, InputError
 from cryosift.io import open_source
 from cryosift.metrics import psnr
 from cryosift.simulate import SimulationConfig, simulate
@@ -81,12 +81,12 @@ def test_resume_continues_to_the_same_result(pairs, tmp_path):
     a, b, _ = _stacks(pairs)
     full = TrainConfig(method="n2n", **{**TINY, "epochs": 4})
     train_denoiser(a, tmp_path / "full", full, images_b=b)
-    # interrupt after 2 epochs: rerun the first 2 with a 2-epoch budget from scratch, then resume
+    # train 2 epochs, then resume with a 4-epoch budget: the same run as 4 epochs at once
     part = tmp_path / "part"
     train_denoiser(a, part, TrainConfig(method="n2n", **{**TINY, "epochs": 2}), images_b=b)
-    ck = torch.load(part / "checkpoint.pt", weights_only=True)
-    ck["train_config"]["epochs"] = 4  # the same run, stopped early
-    torch.save(ck, part / "checkpoint.pt")
+    other = TrainConfig(method="n2n", **{**TINY, "epochs": 4, "lr": 5e-4})
+    with pytest.raises(CryosiftError, match="other parameters"):
+        train_denoiser(a, part, other, images_b=b, resume=True)
     train_denoiser(a, part, full, images_b=b, resume=True)
     w_full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["model"]
     w_part = torch.load(part / "checkpoint.pt", weights_only=True)["model"]

@@ -184,7 +184,12 @@ def train_denoiser(
         if not ckpt_path.is_file():
             raise CryosiftError("--resume: no checkpoint.pt in the model folder", model_dir)
         ck = load_checkpoint(ckpt_path)
-        if ck["train_config"] != asdict(cfg):
+        # --epochs and --patience may change on resume (train on for more epochs); nothing else
+        extendable = ("epochs", "patience")
+        saved = ck["train_config"]
+        if not isinstance(saved, dict) or {
+            k: v for k, v in saved.items() if k not in extendable
+        } != {k: v for k, v in asdict(cfg).items() if k not in extendable}:
             raise CryosiftError(
                 "--resume: the checkpoint was trained with other parameters", ckpt_path
             )
