@@ -36,7 +36,9 @@ def _trained(method: str):
 
 
 # Benchmark budget: small, fast networks trained on the benchmark's own noisy images.
-BENCH_TRAINING = {"epochs": 12, "width": 8, "depth": 4, "crop": 48, "patience": 3}
+BENCH_TRAINING = {
+    "epochs": 12, "width": 8, "depth": 4, "crop": 48, "patience": 3, "steps_per_epoch": 50,
+}
 BENCH_QUICK = {"epochs": 5}
 
 register(
