@@ -188,3 +188,20 @@ def test_training_set_loaders(tmp_path):
         load_training_set(positives=pos, negatives=neg, labels_star=lab)
     with pytest.raises(InputError, match="go together"):
         load_training_set(positives=pos)
+
+
+def test_screener_model_files_get_the_zip_bomb_check(tmp_path):
+    """Screener files go through the same reader as denoisers: a deflated entry (torch never
+    compresses) is refused from the zip directory, before anything is inflated."""
+    import zipfile
+
+    from cryosift.screen.model_io import load_screener
+
+    folder = tmp_path / "bomb"
+    folder.mkdir()
+    with zipfile.ZipFile(folder / "model.pt", "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("archive/data.pkl", b"\x80\x02}q\x00.")
+        zf.writestr("archive/data/0", bytes(32 << 20))  # 32 MB of zeros, ~32 kB on disk
+    assert (folder / "model.pt").stat().st_size < 1 << 20
+    with pytest.raises(InputError, match="compressed"):
+        load_screener(folder)

@@ -49,7 +49,9 @@ def _check_zip(path: Path) -> None:
                          f"{size}", path)
 
 
-def _load(path: Path) -> Any:
+def read_weights_file(path: Path) -> Any:
+    """torch.load(weights_only=True) behind the zip checks; every failure one InputError.
+    Shared by every model file cryosift reads (denoisers, cascades, screeners)."""
     if not path.is_file():
         raise InputError("model file not found", path)
     if zipfile.is_zipfile(path):
@@ -68,6 +70,9 @@ def _load(path: Path) -> Any:
     except Exception as exc:  # torch's readers raise many types on damaged files
         detail = " ".join(str(exc).split()) or type(exc).__name__
         raise InputError(f"unreadable or corrupt model file ({detail})", path) from exc
+
+
+_load = read_weights_file
 
 
 def _check_weights(state: Any, path: Path) -> dict[str, torch.Tensor]:

@@ -11,7 +11,6 @@ is a one-line InputError naming the file.
 from __future__ import annotations
 
 import json
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -73,15 +72,9 @@ def save_screener(model_dir: str | Path, s: Screener, provenance: dict | None = 
 def _read(path: Path) -> Any:
     if not path.is_file():
         raise InputError("screening model not found (expected a folder holding model.pt)", path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise InputError(
-            f"refused to load: not a plain weights file ({str(exc).splitlines()[0]})", path
-        ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"unreadable or corrupt model file ({first})", path) from exc
+    from cryosift.denoise.model_io import read_weights_file
+
+    return read_weights_file(path)  # zip-bomb checks, weights_only, one-line errors
 
 
 def model_path(model: str | Path) -> Path:
