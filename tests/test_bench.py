@@ -101,3 +101,17 @@ def test_bench_unknown_benchmark_is_refused(tmp_path, capsys):
 def test_geometric_weights_are_unequal():
     w = np.asarray(BENCHMARKS["B4"].settings["K=10,snr=0.05"].view_weights)
     assert w.max() / w.min() == pytest.approx(4.0)
+
+
+def test_results_tables_put_the_best_row_first():
+    from cryosift.bench.report import markdown
+
+    results = {"B5": {"realistic": {
+        "a": {"kind": "classes2d", "class_average_frc_resolution_A": 40.0},
+        "b": {"kind": "classes2d", "class_average_frc_resolution_A": float("nan")},
+        "c": {"kind": "classes2d", "class_average_frc_resolution_A": 30.0},
+        "x": {"kind": "denoiser", "psnr": 10.0}, "y": {"kind": "denoiser", "psnr": 12.0},
+    }}}
+    md = markdown(results, {}, "cmd")
+    assert md.index("| c |") < md.index("| a |") < md.index("| b |")  # Å: lower is better
+    assert md.index("| y |") < md.index("| x |")  # PSNR: higher is better

@@ -41,6 +41,18 @@ def _fmt(v: object) -> str:
     return str(v)
 
 
+def _rank(value: object, column: str) -> float:
+    """Sort key putting the best row first: resolutions in Å (``*_A``) ascending, scores
+    descending; missing or NaN values last."""
+    try:
+        v = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return math.inf
+    if math.isnan(v):
+        return math.inf
+    return v if column.endswith("_A") else -v
+
+
 def markdown(results: dict, protocol: dict, command: str) -> str:
     """One table per benchmark setting and kind; oracle rows marked; the command on top."""
     lines = [
@@ -70,7 +82,7 @@ def markdown(results: dict, protocol: dict, command: str) -> str:
                     continue
                 lines.append("| method | " + " | ".join(cols) + " |")
                 lines.append("|---" * (len(cols) + 1) + "|")
-                order = sorted(rows, key=lambda m: -float(rows[m].get(cols[0], float("-inf"))))
+                order = sorted(rows, key=lambda m: _rank(rows[m].get(cols[0]), cols[0]))
                 for m in order:
                     tag = " (oracle)" if rows[m].get("oracle") else ""
                     lines.append(
