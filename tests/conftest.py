@@ -12,3 +12,15 @@ def _private_weight_cache(tmp_path_factory):
     mp.setenv("CRYOSIFT_CACHE", str(tmp_path_factory.mktemp("cryosift-cache")))
     yield
     mp.undo()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny convolutions run fastest on one thread (and far faster on a busy machine); modules
+    opt in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -37,13 +37,7 @@ from sim_helpers import data_file, run_cli
 TINY_PRE = dict(box=32, pixel_size=6.0, n_per_view=40, views=2, epochs=2, seed=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions run fastest on one thread (and far faster on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("box", [32, 40, 64, 36])

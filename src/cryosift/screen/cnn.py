@@ -14,7 +14,6 @@ is a logit; it is calibrated into a probability by Platt scaling on held-out ima
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -28,6 +27,7 @@ from torch import nn
 from cryosift.errors import CryosiftError
 from cryosift.progress import progress
 from cryosift.screen.calibration import balanced_weights
+from cryosift.screen.early_stopping import EarlyStopping
 
 log = logging.getLogger("cryosift")
 
@@ -154,8 +154,7 @@ def train_cnn(
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(steps, 1))
     have_val = val_x is not None and val_y is not None and len(val_x) > 0
     vw = balanced_weights(val_y) if have_val else None
-    history: list[dict[str, float]] = []
-    best_state, best_loss, best_epoch, stale = None, math.inf, -1, 0
+    stopper = EarlyStopping("CNN", cfg.patience)
     for epoch in progress(range(cfg.epochs), total=cfg.epochs, desc="cnn", unit="epoch"):
         net.train()
         perm = torch.randperm(n, generator=gen)
@@ -182,18 +181,6 @@ def train_cnn(
             score = rec["val_loss"]
         else:
             score = rec["train_loss"]
-        if not math.isfinite(score):
-            raise CryosiftError(f"CNN training diverged at epoch {epoch + 1} (try a smaller --lr)")
-        history.append(rec)
-        log.debug("cnn epoch %d: %s", epoch + 1, rec)
-        if score < best_loss - 1e-5:
-            best_loss, best_epoch, stale = score, epoch, 0
-            best_state = copy.deepcopy(net.state_dict())
-        else:
-            stale += 1
-            if stale >= cfg.patience:
-                break
-    assert best_state is not None
-    net.load_state_dict(best_state)
-    net.eval()
-    return net, {"history": history, "best_epoch": best_epoch, "best_loss": best_loss}
+        if stopper.update(net, epoch, score, rec):
+            break
+    return stopper.finish(net)

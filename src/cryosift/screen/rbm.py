@@ -31,7 +31,6 @@ Batched torch on any device.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -45,6 +44,7 @@ from torch import nn
 from cryosift.errors import CryosiftError
 from cryosift.progress import progress
 from cryosift.screen.calibration import balanced_weights
+from cryosift.screen.early_stopping import EarlyStopping
 
 log = logging.getLogger("cryosift")
 
@@ -162,8 +162,7 @@ def train_rbm(
         vx = torch.from_numpy(np.ascontiguousarray(val_x, np.float32)).flatten(1).to(device)
         vy = torch.as_tensor(np.asarray(val_y), dtype=torch.long, device=device)
         vw = torch.as_tensor(balanced_weights(val_y), dtype=torch.float32, device=device)
-    history: list[dict[str, float]] = []
-    best_state, best_loss, best_epoch, stale = None, math.inf, -1, 0
+    stopper = EarlyStopping("RBM", cfg.patience)
     rng = np.random.default_rng(seed)
     for epoch in progress(range(cfg.epochs), total=cfg.epochs, desc="rbm", unit="epoch"):
         net.train()
@@ -204,20 +203,6 @@ def train_rbm(
             score = rec["val_ce"]
         else:
             score = rec["train_ce"]
-        if not math.isfinite(score):
-            raise CryosiftError(
-                f"RBM training diverged at epoch {epoch + 1} (try a smaller --lr)"
-            )
-        history.append(rec)
-        log.debug("rbm epoch %d: %s", epoch + 1, rec)
-        if score < best_loss - 1e-5:
-            best_loss, best_epoch, stale = score, epoch, 0
-            best_state = copy.deepcopy(net.state_dict())
-        else:
-            stale += 1
-            if stale >= cfg.patience:
-                break
-    assert best_state is not None
-    net.load_state_dict(best_state)
-    net.eval()
-    return net, {"history": history, "best_epoch": best_epoch, "best_loss": best_loss}
+        if stopper.update(net, epoch, score, rec):
+            break
+    return stopper.finish(net)
