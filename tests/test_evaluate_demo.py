@@ -1,4 +1,4 @@
-"""`cryosift evaluate` (reference, halves, truth) and `cryosift demo`, through the CLI."""
+"""`cryosift evaluate` (reference, halves, truth) through the CLI (the demo: test_pipeline_run)."""
 
 from __future__ import annotations
 
@@ -137,18 +137,3 @@ def test_evaluate_refuses_bad_requests(sim, tmp_path, capsys):
     )
     assert "missing.mrcs" in capsys.readouterr().err
     assert not out.exists()
-
-
-@pytest.mark.slow
-def test_demo_end_to_end(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert run_cli(["-q", "demo", "-o", str(out), "--n-images", "300", "--device", "cpu"]) == 0
-    printed = capsys.readouterr().out
-    assert "report:" in printed and "SNR requested 0.05" in printed
-    metrics = json.loads((out / "report" / "metrics.json").read_text())
-    sim = metrics["simulation"]
-    assert sim["measured_snr"] == pytest.approx(0.05, rel=0.05)
-    assert sim["pixel_size"] == 2.0 and sim["n_images"] == 300
-    page = (out / "report" / "index.html").read_text()
-    for fig in ("montage.png", "frc.png"):
-        assert fig in page and (out / "report" / fig).stat().st_size > 1000

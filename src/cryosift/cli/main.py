@@ -33,10 +33,11 @@ def cli(verbose: int, quiet: bool) -> None:
 
 
 def _register() -> None:
-    from cryosift.cli import bench, classify, demo, denoise, evaluate, screen, simulate
+    from cryosift.cli import bench, classify, demo, denoise, evaluate, report, run, screen, simulate
     from cryosift.cli import filter as filter_cli
 
-    for module in (simulate, filter_cli, denoise, screen, classify, evaluate, bench, demo):
+    for module in (simulate, filter_cli, denoise, screen, classify, evaluate, bench, run, demo,
+                   report):
         cli.add_command(module.command)
 
 

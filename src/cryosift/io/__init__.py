@@ -24,6 +24,7 @@ from cryosift.io.star import (
     parse_image_name,
     pixel_size_of,
     read_star,
+    rebase_image_columns,
     split_image_names,
     write_star,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "pixel_size_of",
     "read_mrc_info",
     "read_star",
+    "rebase_image_columns",
     "split_image_names",
     "temp_path_for",
     "write_mrcs",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ __all__ = [
     "image_names",
     "make_optics_table",
     "merged_metadata",
+    "rebase_image_columns",
     "parse_image_name",
     "pixel_size_of",
     "read_star",
@@ -344,3 +346,35 @@ def write_star(path: str | Path, particles: pd.DataFrame, optics: pd.DataFrame) 
         )
     text = _loop_block("optics", optics.reset_index(drop=True)) + _loop_block("particles", parts)
     atomic_write_text(path, text)
+
+
+def rebase_image_columns(
+    parts: pd.DataFrame, old_dir: Path, new_dir: Path, skip: tuple[str, ...] = ("rlnImageName",)
+) -> pd.DataFrame:
+    """Re-express relative ``index@path`` columns for a STAR file written in ``new_dir``.
+
+    Columns such as cryosiftCleanImageName point at stacks relative to the folder of the STAR
+    they came from; a STAR written elsewhere needs them relative to its own folder (absolute
+    paths are left alone). Only columns whose name contains 'ImageName', not in ``skip``, and
+    whose every value looks like ``index@path`` are touched. Returns a new frame.
+    """
+    old_dir, new_dir = Path(old_dir).resolve(), Path(new_dir).resolve()
+    parts = parts.copy()
+    if old_dir == new_dir:
+        return parts
+    for col in parts.columns:
+        if col in skip or "ImageName" not in str(col):
+            continue
+        s = parts[col].astype("string")
+        num, at, path = (c for _, c in s.str.partition("@").items())
+        if not ((at == "@").fillna(False).all() and num.str.isdecimal().fillna(False).all()):
+            continue
+        mapping = {}
+        for p in pd.unique(path.to_numpy(dtype=object)):
+            pp = Path(str(p))
+            mapping[p] = (
+                str(p) if pp.is_absolute()
+                else Path(os.path.relpath(old_dir / pp, new_dir)).as_posix()
+            )
+        parts[col] = (num + "@" + path.map(mapping)).astype(object)
+    return parts
