@@ -16,12 +16,14 @@ import click
 from cryosift.cli.main import cli
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "CLI.md"
+#: What the program's group passes down to every command (see cli/main.py).
+SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100, "terminal_width": 100}
 
 
 def _commands(group: click.Group, prefix: list[str]) -> list[tuple[list[str], click.Command]]:
     """Every command under ``group`` (depth first, in the order `--help` lists them)."""
     out: list[tuple[list[str], click.Command]] = []
-    ctx = click.Context(group, info_name=" ".join(prefix))
+    ctx = click.Context(group, info_name=" ".join(prefix), **SETTINGS)
     for name in group.list_commands(ctx):
         cmd = group.get_command(ctx, name)
         if cmd is None or cmd.hidden:
@@ -33,7 +35,7 @@ def _commands(group: click.Group, prefix: list[str]) -> list[tuple[list[str], cl
 
 
 def _help(path: list[str], cmd: click.Command) -> str:
-    ctx = click.Context(cmd, info_name=" ".join(path), max_content_width=100, terminal_width=100)
+    ctx = click.Context(cmd, info_name=" ".join(path), **SETTINGS)
     return cmd.get_help(ctx)
 
 
