@@ -179,7 +179,13 @@ def test_bad_input_is_refused_before_anything_is_written(finished, data, tmp_pat
     # unknown shipped model name, bad threshold
     assert run_cli(_args(star, tmp_path / "r3", "--denoise", "nosuchmodel")) == 2
     assert run_cli(_args(star, tmp_path / "r4", "--threshold", "1.5")) == 2
-    for name in ("r1", "r2", "r3", "r4"):
+    capsys.readouterr()
+    # a screening training set of another box size, a model for another pixel size
+    assert run_cli(_args(star, tmp_path / "r5", "--screen-labels", str(other_star))) == 2
+    assert "40 px" in capsys.readouterr().err
+    assert run_cli(_args(star, tmp_path / "r6", "--pixel-size", "0.4")) == 2
+    assert "Å/px" in capsys.readouterr().err
+    for name in ("r1", "r2", "r3", "r4", "r5", "r6"):
         assert not (tmp_path / name).exists()
 
 

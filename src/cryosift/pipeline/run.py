@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from cryosift import __version__
-from cryosift.errors import InputError
+from cryosift.errors import CryosiftError, InputError
 from cryosift.io import atomic_write_json, atomic_write_text, open_source
 from cryosift.pipeline.config import DENOISE_TRAINED, RunConfig, to_toml
 
@@ -172,21 +173,31 @@ class _Runner:
         atomic_write_text(self.out / "config.toml", to_toml(cfg))
 
     def _check_references(self) -> None:
-        """Models and training sets named by the config must exist before anything runs."""
+        """Models and training sets named by the config must exist and fit the images (box,
+        pixel size) before anything runs: a mismatch found at stage 3 would leave a half run."""
         cfg = self.cfg
         if cfg.denoise not in ("auto", "none", *DENOISE_TRAINED):
-            from cryosift.denoise.model_io import resolve_model_path
+            from cryosift.denoise.apply import NetworkFilter
+            from cryosift.denoise.model_io import load_model
 
-            resolve_model_path(cfg.denoise)
+            model, meta = load_model(cfg.denoise, "cpu")
+            try:
+                NetworkFilter(model, meta, torch.device("cpu")).check(self.pixel_size, self.box)
+            except CryosiftError as err:
+                raise InputError(f"denoising model {cfg.denoise}: {err}", cfg.input) from err
         if cfg.screen not in ("auto", "none"):
-            from cryosift.screen.model_io import model_path
+            from cryosift.screen.model_io import load_screener
 
-            if not model_path(cfg.screen).is_file():
-                raise InputError("no screening model here (expected model.pt from `cryosift "
-                                 "screen train`)", cfg.screen)
+            load_screener(cfg.screen, "cpu").check_images(self.box, self.pixel_size, cfg.input)
         for p in (cfg.screen_labels, cfg.screen_classes):
-            if p is not None and not Path(p).is_file():
+            if p is None:
+                continue
+            if not Path(p).is_file():
                 raise InputError("file does not exist", p)
+            train = open_source(p)
+            if train.box != self.box:
+                raise InputError(f"screening training images are {train.box} px but the input "
+                                 f"{cfg.input} has {self.box} px", p)
 
     # -- one stage ------------------------------------------------------------------------------
 
