@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -38,6 +39,34 @@ def test_protocol_matches_the_spec():
     assert sorted({s.views for s in b4.values()}) == [10, 50]
     b5 = BENCHMARKS["B5"].settings["realistic"]
     assert b5.ctf and b5.max_shift > 0 and set(b5.junk_types) >= {"ice", "carbon", "aggregate"}
+    # fragments of another protein, as the issue asks, not pieces of GroEL itself
+    assert "fragment" in b5.junk_types and b5.junk_structure not in (None, b5.structure)
+
+
+def test_dataset_fragments_come_from_the_junk_structure(tmp_path, monkeypatch):
+    import cryosift.bench.runner as runner
+
+    data_file("structures", "5F9R.pdb")
+    monkeypatch.setattr(runner, "structure_path", lambda name: data_file("structures", name))
+    spec = DatasetSpec("1aon.pdb.gz", 40, 48, 5.0, 0.1, junk_fraction=0.5,
+                       junk_types=("fragment",), seed=3, tasks=("screen",),
+                       junk_structure="5F9R.pdb")
+    seen = {}
+    real = runner.simulate
+
+    def spy(structure, folder, cfg, junk_structure=None, **kw):
+        seen["junk"] = junk_structure
+        return real(structure, folder, cfg, junk_structure=junk_structure, **kw)
+
+    monkeypatch.setattr(runner, "simulate", spy)
+    a = runner.load_dataset(spec, tmp_path / "a")
+    assert Path(seen["junk"]).name == "5F9R.pdb"
+    b = runner.load_dataset(replace(spec, junk_structure=None), tmp_path / "b")
+    junk = a.metadata["cryosiftIsParticle"].to_numpy() == 0
+    assert junk.any()
+    # same seed, same draws: only the fragments' source differs
+    assert not np.allclose(a.clean[junk], b.clean[junk], atol=1e-3)
+    assert np.allclose(a.clean[~junk], b.clean[~junk], atol=1e-4)
 
 
 TINY = DatasetSpec("5F9R.pdb", 120, 40, 5.0, 0.1, views=3, in_plane=False, seed=4,

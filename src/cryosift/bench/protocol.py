@@ -36,6 +36,7 @@ class DatasetSpec:
     junk_types: tuple[str, ...] = ("noise",)
     seed: int = 0
     tasks: tuple[str, ...] = ("denoise",)
+    junk_structure: str | None = None  # "fragment" junk from this other structure
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,7 @@ def _b5() -> Benchmark:
         junk_types=("noise", "ice", "carbon", "aggregate", "fragment"),
         seed=50,
         tasks=("denoise", "screen", "classes"),
+        junk_structure="5F9R.pdb",  # fragments of another protein (SpCas9), as real stacks hold
     )
     return Benchmark(
         "B5",

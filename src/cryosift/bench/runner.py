@@ -73,11 +73,14 @@ def load_dataset(spec: DatasetSpec, folder: Path, device: str = "cpu") -> BenchD
         pairs="denoise" in spec.tasks,
     )
     marker = folder / "bench_spec.json"
-    wanted = json.dumps(asdict(cfg), sort_keys=True, default=str)
+    junk = structure_path(spec.junk_structure) if spec.junk_structure else None
+    wanted = json.dumps({**asdict(cfg), "junk_structure": spec.junk_structure}, sort_keys=True,
+                        default=str)
     if not (
         marker.is_file() and marker.read_text() == wanted and (folder / "particles.star").is_file()
     ):
-        simulate(structure_path(spec.structure), folder, cfg, device=device, command="bench")
+        simulate(structure_path(spec.structure), folder, cfg, junk_structure=junk, device=device,
+                 command="bench")
         marker.write_text(wanted)
     table = read_star(folder / "particles.star")
     noisy = open_source(folder / "particles.star")

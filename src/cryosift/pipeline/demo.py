@@ -2,11 +2,12 @@
 
 GroEL-GroES (PDB 1AON, CC0, shipped) is projected into a few distinct views with in-plane
 rotations, shifts, CTF and noise, and mixed with structured junk (ice gradients, carbon edges,
-aggregates, fragments of another protein, pure noise). A second, smaller simulation with its
-particle/junk labels stands for what a user labels by hand (or takes from the best and worst
-classes of a first round): it trains the screener. Then `cryosift run` does the rest: normalise,
-denoise with the shipped general model, screen, classify with `align2d`, score every stage
-against the ground truth, and write the HTML report. Offline, CPU, about a minute here.
+aggregates, broken pieces of the complex, pure noise; the package ships one structure only, so
+`cryosift bench B5` is where fragments of another protein are screened out). A second, smaller
+simulation with its particle/junk labels stands for what a user labels by hand (or takes from the
+best and worst classes of a first round): it trains the screener. Then `cryosift run` does the
+rest: normalise, denoise with the shipped general model, screen, classify with `align2d`, score
+every stage against the ground truth, and write the HTML report. Offline, CPU, about a minute here.
 """
 
 from __future__ import annotations
