@@ -85,6 +85,21 @@ def test_align2d_writes_poses_and_finds_the_views(sim, tmp_path):
     assert prov["parameters"]["ctf_phase_flip"]  # the simulated STAR has CTF parameters
 
 
+def test_align2d_search_options_reach_the_classifier(sim, tmp_path):
+    out = tmp_path / "hard"
+    assert _classify(sim, out, "-k", "4", "--method", "align2d", "--assignment", "hard",
+                     "--candidates", "0", "--init-images", "0", "--iterations", "4") == 0
+    parts = read_star(out / "classes.star").particles
+    truth = read_star(sim.star).particles
+    assert clustering_accuracy(truth["cryosiftTrueView"], parts["rlnClassNumber"]) > 0.9
+    params = json.loads((out / "classify.json").read_text())["parameters"]
+    assert params["assignment"] == "hard"
+    assert params["candidates"] == 4  # 0 means every class: all 4 searched
+    assert _classify(sim, tmp_path / "bad", "-k", "4", "--method", "align2d",
+                     "--candidates", "-1") != 0
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.slow
 def test_mrcs_input_and_other_methods(sim, tmp_path):
     stack = sim.star.parent / "particles.mrcs"

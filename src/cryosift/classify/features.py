@@ -20,6 +20,8 @@ classes differ at low resolution and the cost falls with the square of the size.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
 import torch
@@ -28,15 +30,21 @@ from cryosift.errors import InputError
 
 __all__ = [
     "FEATURE_KINDS",
+    "CHUNKED_KINDS",
+    "ROTINV_BLOCK",
     "check_feature_kind",
+    "chunk_features",
     "compute_features",
     "disk_mask",
+    "features_on_engine",
+    "finish_features",
     "fourier_crop",
     "has_ctf",
     "phase_flip",
     "pca_features",
     "raw_features",
     "rotinv_features",
+    "rotinv_invariants",
     "standardise",
 ]
 
@@ -138,16 +146,19 @@ def pca_features(features: np.ndarray, n_components: int = 50, seed: int = 0) ->
     return pca.fit_transform(x).astype(np.float32)
 
 
-def rotinv_features(
+#: rotinv expands images on the basis in blocks of this many (a matrix product whose float
+#: rounding depends on the number of rows): chunked runs split stacks at multiples of it
+ROTINV_BLOCK = 1024
+
+
+def rotinv_invariants(
     images: np.ndarray,
     size: int = 32,
     max_k: int = 12,
     max_q: int = 8,
-    n_components: int | None = 50,
-    seed: int = 0,
-    chunk: int = 1024,
+    chunk: int = ROTINV_BLOCK,
 ) -> np.ndarray:
-    """Rotation-invariant Fourier-Bessel products (see the module docstring), then PCA."""
+    """The per-image part of ``rotinv``: signed square roots of the invariant products (N, D)."""
     from cryosift.denoise.cwf import steerable_basis
 
     images = _check_stack(images)
@@ -176,11 +187,94 @@ def rotinv_features(
                 parts.append(v.imag[:, off])
         f = torch.cat(parts, 1)
         feats.append((torch.sign(f) * f.abs().sqrt()).to(torch.float32).numpy())
-    out = np.concatenate(feats)
+    return np.concatenate(feats)
+
+
+def _rotinv_finish(
+    invariants: np.ndarray, n_components: int | None = 50, seed: int = 0
+) -> np.ndarray:
+    """The whole-stack part of ``rotinv``: standardise every column, then PCA."""
+    out = np.asarray(invariants, dtype=np.float32)
     out = (out - out.mean(0)) / np.maximum(out.std(0), 1e-12)
     if n_components:
         out = pca_features(out, n_components, seed)
     return out.astype(np.float32)
+
+
+def rotinv_features(
+    images: np.ndarray,
+    size: int = 32,
+    max_k: int = 12,
+    max_q: int = 8,
+    n_components: int | None = 50,
+    seed: int = 0,
+    chunk: int = ROTINV_BLOCK,
+) -> np.ndarray:
+    """Rotation-invariant Fourier-Bessel products (see the module docstring), then PCA."""
+    return _rotinv_finish(rotinv_invariants(images, size, max_k, max_q, chunk), n_components,
+                          seed)
+
+
+#: feature kinds whose per-image part can run chunk by chunk (e.g. on a Dask cluster)
+CHUNKED_KINDS = ("raw", "pca", "rotinv")
+
+
+def chunk_features(images: np.ndarray, kind: str) -> np.ndarray:
+    """The per-image part of features ``kind`` (one of CHUNKED_KINDS) for a chunk of images.
+
+    Concatenating the chunks of a stack and passing them to :func:`finish_features` gives
+    exactly :func:`compute_features` of the whole stack.
+    """
+    kind = kind.strip()
+    if kind in ("raw", "pca"):
+        return raw_features(images)
+    if kind == "rotinv":
+        return rotinv_invariants(images)
+    raise ValueError(f"features {kind!r} are not computed chunk by chunk")
+
+
+def finish_features(
+    parts: np.ndarray, kind: str, n_components: int = 50, seed: int = 0
+) -> np.ndarray:
+    """The whole-stack part of features ``kind`` from the concatenated :func:`chunk_features`."""
+    kind = kind.strip()
+    if kind == "raw":
+        return np.asarray(parts, dtype=np.float32)
+    if kind == "pca":
+        return pca_features(parts, n_components, seed)
+    if kind == "rotinv":
+        return _rotinv_finish(parts, n_components, seed)
+    raise ValueError(f"features {kind!r} are not computed chunk by chunk")
+
+
+def features_on_engine(
+    src: Any,
+    kind: str,
+    engine: Any,
+    phase_flip: bool = False,
+    n_components: int = 50,
+    seed: int = 0,
+    chunk_size: int = 1024,
+) -> np.ndarray:
+    """Features ``kind`` (one of CHUNKED_KINDS) of the file-backed source ``src``, the per-image
+    part run chunk by chunk on a Dask ``engine`` (:mod:`cryosift.engine`).
+
+    ``phase_flip``: CTF phase-flip every image with its STAR row first (as the in-process path
+    does before :func:`compute_features`). Equal to :func:`compute_features` of the (flipped)
+    images; the client holds only the (N, D) features. For ``rotinv`` the chunk size is rounded
+    up to a multiple of :data:`ROTINV_BLOCK`, so that the matrix products see the same rows.
+    """
+    from cryosift.engine import FeatureOp, SourceSpec
+
+    kind = kind.strip()
+    if kind not in CHUNKED_KINDS:
+        raise ValueError(f"features {kind!r} are not computed chunk by chunk")
+    if kind == "rotinv":
+        chunk_size = -(-int(chunk_size) // ROTINV_BLOCK) * ROTINV_BLOCK
+    op = FeatureOp(kind, phase_flip=phase_flip)
+    parts = [f for _, f in engine.map_results(
+        SourceSpec.of(src), op, len(src), int(chunk_size), desc=f"features {kind}")]
+    return finish_features(np.concatenate(parts), kind, n_components, seed)
 
 
 def denoise_stack(

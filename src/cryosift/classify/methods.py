@@ -8,7 +8,8 @@ Each factory builds `f(task: ClusterTask) -> ClusterResult`:
 - ``rotinv+kmeans``: k-means++ on rotation-invariant Fourier-Bessel features;
 - ``pca+bsk``: BSK-means++ (balanced-size k-means++, seed 001; :mod:`cryosift.classify.balanced`)
   on the PCA features, without the DRVAE;
-- ``align2d``: reference-free alignment-aware classification (:mod:`cryosift.classify.align2d`).
+- ``align2d``: reference-free alignment-aware classification (:mod:`cryosift.classify.align2d`):
+  candidate pruning and soft (EM) assignment by default.
 
 Images whose metadata carries CTF parameters are phase-flipped first (averages are then of the
 phase-flipped images).
@@ -112,8 +113,10 @@ register(
         "clusterer",
         "align2d",
         _align2d,
-        "reference-free multi-reference alignment: rotations x shifts by FFT, hard assignment",
-        defaults={"psi_step": 10.0, "iterations": 15, "align_box": 32},
+        "reference-free multi-reference alignment: rotations x shifts by FFT, the 6 most "
+        "promising classes per image, soft (EM) assignment",
+        defaults={"psi_step": 10.0, "iterations": 15, "align_box": 32, "candidates": 6,
+                  "assignment": "soft"},
         quick={"iterations": 8},
     )
 )

@@ -38,24 +38,37 @@ def classify_source(
     iterations: int = 15,
     align_box: int = 32,
     mem_mb: float = 256.0,
+    candidates: int = 6,
+    assignment: str = "soft",
+    init_images: int = 5000,
     phase_flip: bool = True,
     pixel_size: float | None = None,
     seed: int = 0,
     device: str = "auto",
+    scheduler: str | None = None,
+    workers: int | None = None,
 ) -> ClusterResult:
     """Classify ``source`` (.star/.mrcs) into ``k`` classes and write the outputs to ``out``.
 
     See :mod:`cryosift.classify.outputs` for the files. Everything is checked (method, features,
     K, pixel size) before the work starts; outputs appear all together or not at all.
+    ``scheduler`` / ``workers``: where the per-image part of raw, pca and rotinv features runs
+    for kmeans/hierarchical/bskmeans (None: in this process; see :mod:`cryosift.engine`); on a
+    cluster the images are then never all in memory here (the class averages are streamed).
     """
     source, out = Path(source), Path(out)
     opts: dict[str, Any] = {
         "n_components": n_components, "psi_step": psi_step, "max_shift": max_shift,
         "iterations": iterations, "align_box": align_box, "mem_mb": mem_mb,
+        "candidates": candidates, "assignment": assignment, "init_images": init_images,
         "phase_flip": phase_flip, "pixel_size": pixel_size, "seed": seed, "device": device,
     }
     if out.suffix.lower() == ".star" or (out.exists() and not out.is_dir()):
         raise CryosiftError(f"-o must name a folder for classify outputs, got '{out}'")
+    if scheduler is not None:
+        from cryosift.engine import check_scheduler
+
+        check_scheduler(scheduler)
     src = open_source(source, pixel_size=opts["pixel_size"])
     if src.pixel_size is None:
         raise InputError("states no pixel size (MRC voxel size 0, no STAR optics); give "
@@ -98,11 +111,18 @@ def classify_source(
             src, k, iterations=opts["iterations"], psi_step=opts["psi_step"],
             max_shift=opts["max_shift"], align_box=opts["align_box"] or None,
             mem_mb=opts["mem_mb"], seed=opts["seed"], device=dev,
+            candidates=opts["candidates"] or None, assignment=opts["assignment"],
+            init_images=opts["init_images"] or None,
             metadata=_metadata(src) if opts["phase_flip"] else None, pixel_size=px,
         )
         result = ClusterResult(res.labels, res.averages, res.psi, res.origins * px,
                                info={"history": res.history})
         params.update(res.params)
+    elif method in builtin and feats is None and _chunked(features) and scheduler not in (
+        None, "threads"
+    ):
+        result = _cluster_on_engine(src, k, method, builtin[method], features, params, opts,
+                                    scheduler, workers)
     else:
         images = src.images(slice(None))
         meta = _metadata(src)
@@ -143,6 +163,55 @@ def classify_source(
     log.info("%d images -> %d classes (sizes %d..%d) in %.1f s; outputs in %s", n, k,
              sizes.min(), sizes.max(), params["seconds"], out)
     return result
+
+
+def _chunked(features: str) -> bool:
+    from cryosift.classify.features import CHUNKED_KINDS
+
+    return features.strip() in CHUNKED_KINDS
+
+
+def _cluster_on_engine(
+    src: Any, k: int, method: str, algorithm: str, features: str, params: dict[str, Any],
+    opts: dict[str, Any], scheduler: str, workers: int | None,
+) -> ClusterResult:
+    """kmeans/hierarchical/bskmeans with the per-image part of the features run on a Dask
+    cluster (or in-process when ``auto`` finds the stack small) and streamed class averages."""
+    from cryosift.classify.features import compute_features, features_on_engine, has_ctf
+    from cryosift.classify.features import phase_flip as ctf_phase_flip
+    from cryosift.engine import open_engine
+
+    meta = _metadata(src)
+    flip = bool(opts["phase_flip"] and has_ctf(meta))
+    if flip:
+        params["ctf_phase_flip"] = True
+    px, n = float(src.pixel_size), len(src)
+    with open_engine(scheduler, workers, n, file_based=src.path is not None) as engine:
+        if engine is None:
+            images = src.images(slice(None))
+            if flip:
+                images = ctf_phase_flip(images, meta, px)
+            feats = compute_features(images, features, px, None, opts["seed"],
+                                     opts["n_components"])
+        else:
+            params["engine"] = engine.describe()
+            feats = features_on_engine(src, features, engine, phase_flip=flip,
+                                       n_components=opts["n_components"], seed=opts["seed"])
+    check_features(feats, k, n)
+    labels = np.asarray(cluster_features(feats, k, algorithm, opts["seed"]), np.int64)
+    box = src.box
+    sums = np.zeros((k, box, box), np.float64)
+    step = 4096
+    for s in range(0, n, step):
+        chunk = src.images(slice(s, s + step))
+        if flip:
+            chunk = ctf_phase_flip(chunk, meta.iloc[s : s + step], px)
+        sums += class_averages(chunk, labels[s : s + step], k) * np.bincount(
+            labels[s : s + step], minlength=k)[:, None, None]
+    counts = np.bincount(labels, minlength=k)
+    averages = (sums / np.maximum(counts, 1)[:, None, None]).astype(np.float32)
+    params.update(features=features, n_features=int(feats.shape[1]), method=method)
+    return ClusterResult(labels, averages)
 
 
 def _metadata(src: Any) -> Any:

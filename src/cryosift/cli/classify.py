@@ -8,6 +8,8 @@ from typing import Any
 
 import click
 
+from cryosift.cli.options import engine_options
+
 log = logging.getLogger("cryosift")
 
 _METHODS_HELP = (
@@ -65,6 +67,27 @@ _METHODS_HELP = (
     "--mem-mb", default=256.0, show_default=True, help="align2d: memory for one chunk (MB)."
 )
 @click.option(
+    "--candidates",
+    default=6,
+    show_default=True,
+    help="align2d: classes searched per image, the most promising by a cheap score (0: all; "
+    "fewer is faster, its current class is always searched).",
+)
+@click.option(
+    "--assignment",
+    type=click.Choice(["soft", "hard"]),
+    default="soft",
+    show_default=True,
+    help="align2d: soft (expectation-maximisation, posterior-weighted averages) or hard "
+    "(each image in its single best class and pose).",
+)
+@click.option(
+    "--init-images",
+    default=5000,
+    show_default=True,
+    help="align2d: images clustered for the initial classes (0: all).",
+)
+@click.option(
     "--phase-flip/--no-phase-flip",
     default=True,
     show_default=True,
@@ -74,6 +97,7 @@ _METHODS_HELP = (
 @click.option("--pixel-size", type=float, default=None, metavar="A", help="Override (Å/px).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N, mps.")
+@engine_options
 def command(source: Path, k: int | None, method: str, features: str, out: Path,
             select: str | None, **opts: Any) -> None:
     """Classify particle images into K 2D classes, or --select classes of a classified STAR.

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from cryosift.cli.options import engine_options
+
 log = logging.getLogger("cryosift")
 
 
@@ -189,13 +191,18 @@ def train(
 )
 @click.option("--chunk-size", default=256, show_default=True, help="Images per chunk.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
-def apply(stack: Path, model_ref: str, out_star: Path, chunk_size: int, device: str) -> None:
+@engine_options
+def apply(stack: Path, model_ref: str, out_star: Path, chunk_size: int, device: str,
+          scheduler: str, workers: int | None) -> None:
     """Denoise a stack of any size in chunks; pixel size and STAR metadata are kept."""
     from cryosift.denoise.apply import denoise_source
     from cryosift.device import select_device
+    from cryosift.engine import check_scheduler
 
+    check_scheduler(scheduler)
     out = denoise_source(
-        model_ref, stack, out_star, device=select_device(device), chunk_size=chunk_size
+        model_ref, stack, out_star, device=select_device(device), chunk_size=chunk_size,
+        scheduler=scheduler, workers=workers,
     )
     log.info("wrote %s", out)
 

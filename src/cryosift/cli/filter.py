@@ -9,6 +9,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
+from cryosift.cli.options import engine_options
 from cryosift.errors import CryosiftError
 
 log = logging.getLogger("cryosift")
@@ -316,8 +317,10 @@ _KINDS = click.Choice(["gaussian", "butterworth", "hard"], case_sensitive=False)
     type=int,
     default=256,
     show_default=True,
-    help="Images read, filtered and written at a time (bounds memory).",
+    help="Images read, filtered and written at a time (bounds memory); one task per chunk "
+    "on a Dask cluster.",
 )
+@engine_options
 @click.pass_context
 def command(ctx: click.Context, source: Path, out_star: Path, **opts: Any) -> None:
     """Apply classic image filters to a particle STAR file or an .mrcs stack.
@@ -344,7 +347,8 @@ def command(ctx: click.Context, source: Path, out_star: Path, **opts: Any) -> No
     if not source.exists():
         raise CryosiftError("input file does not exist", source)
     out = apply_filter_to_source(
-        source, chain, out_star, chunk_size=opts["chunk_size"], pixel_size=opts["pixel_size"]
+        source, chain, out_star, chunk_size=opts["chunk_size"], pixel_size=opts["pixel_size"],
+        scheduler=opts["scheduler"], workers=opts["workers"],
     )
     log.info(
         "filtered %s with %s -> %s (+ %s)",

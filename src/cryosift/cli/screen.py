@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from cryosift.cli.options import engine_options
+
 log = logging.getLogger("cryosift")
 
 
@@ -188,6 +190,7 @@ def train(
               help="Instead of a threshold: keep this fraction of best-scoring images, (0, 1].")
 @click.option("--chunk-size", default=1024, show_default=True, help="Images per chunk.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@engine_options
 def apply(
     stack: Path,
     model_ref: Path,
@@ -196,14 +199,18 @@ def apply(
     keep_fraction: float | None,
     chunk_size: int,
     device: str,
+    scheduler: str,
+    workers: int | None,
 ) -> None:
     """Score every image (in chunks) and split the dataset into kept and rejected STAR files."""
     from cryosift.device import select_device
+    from cryosift.engine import check_scheduler
     from cryosift.provenance import provenance_record
     from cryosift.screen.apply import check_selection, screen_source
     from cryosift.screen.model_io import load_screener
 
     check_selection(threshold, keep_fraction)
+    check_scheduler(scheduler)
     dev = select_device(device)
     screener = load_screener(model_ref, dev)
     record = provenance_record(
@@ -212,4 +219,4 @@ def apply(
          "keep_fraction": keep_fraction, "chunk_size": chunk_size, "device": str(dev)},
     )
     screen_source(screener, stack, out_dir, threshold, keep_fraction, chunk_size,
-                  provenance=record)
+                  provenance=record, scheduler=scheduler, workers=workers, model_ref=model_ref)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -10,22 +11,36 @@ import torch
 
 from cryosift.errors import CryosiftError
 from cryosift.filters.base import BatchContext, Filter
+from cryosift.filters.parallel import in_worker, single_threaded_torch
 
 # A model applied at another sampling sees features of another size in pixels: refuse factors
 # beyond this (resample the stack first, or train on it).
 MAX_PIXEL_SIZE_RATIO = 1.5
+#: pixels per forward pass of a denoiser (the U-Net's activations are ~20x this in floats)
+BATCH_PIXELS = 64 * 64 * 64
 
 
 class NetworkFilter(Filter):
     """A trained network as a stack filter, so it streams through the same writer as filters."""
 
     name = "denoise"
-    threaded = False  # torch already uses every core
+    threaded = False  # parallel over fixed batches instead (see apply)
 
     def __init__(
-        self, model: torch.nn.Module, meta: dict[str, Any], device: torch.device, batch: int = 64
+        self,
+        model: torch.nn.Module,
+        meta: dict[str, Any],
+        device: torch.device,
+        batch: int | None = None,
     ) -> None:
+        """``batch``: images per forward pass; default :data:`BATCH_PIXELS` pixels' worth (64
+        images of 64 px, 16 of 128 px), which bounds the activations' memory."""
         self.model, self.meta, self.device, self.batch = model, meta, device, batch
+
+    def batch_size(self, box: int) -> int:
+        if self.batch is not None:
+            return max(1, int(self.batch))
+        return max(1, min(64, BATCH_PIXELS // (int(box) * int(box))))
 
     def params(self) -> dict[str, Any]:
         return {"model": self.meta, "device": str(self.device)}
@@ -53,12 +68,34 @@ class NetworkFilter(Filter):
         if box < 2 ** (depth - 1) * 2:
             raise CryosiftError(f"box of {box} px is too small for a U-Net of depth {depth}")
 
-    @torch.no_grad()
     def apply(self, images: np.ndarray, ctx: BatchContext) -> np.ndarray:
+        """Batches of ``self.batch`` images at fixed offsets of the chunk; on the CPU each batch
+        runs single-threaded, batches in parallel threads (serially inside a worker of
+        cryosift.filters.parallel or a Dask task). oneDNN's results for small batches depend
+        on the thread count, so fixing both the batches and the threads per batch makes the
+        output the same wherever it runs; it is also faster than intra-op threads."""
         out = np.empty_like(images)
-        for start in range(0, len(images), self.batch):
-            x = torch.from_numpy(images[start : start + self.batch])[:, None].to(self.device)
-            out[start : start + self.batch] = self.model(x)[:, 0].float().cpu().numpy()
+        batch = self.batch_size(images.shape[-1])
+        starts = list(range(0, len(images), batch))
+
+        def run(start: int) -> None:
+            with torch.no_grad():  # grad mode is per thread
+                x = torch.from_numpy(images[start : start + batch])[:, None]
+                y = self.model(x.to(self.device))
+                out[start : start + batch] = y[:, 0].float().cpu().numpy()
+
+        if self.device.type != "cpu":
+            for start in starts:
+                run(start)
+        else:
+            with single_threaded_torch() as threads:
+                n_threads = 1 if in_worker() else max(1, min(threads, len(starts)))
+                if n_threads == 1:
+                    for start in starts:
+                        run(start)
+                else:
+                    with ThreadPoolExecutor(max_workers=n_threads) as pool:
+                        list(pool.map(run, starts))
         if self.meta.get("histeq"):  # a CDAE fine-tuned with 004's histogram equalisation
             from cryosift.denoise.cdae import histeq_keep_range
 
@@ -67,7 +104,10 @@ class NetworkFilter(Filter):
 
 
 def denoise_array(
-    model: torch.nn.Module, images: np.ndarray, device: torch.device | str = "cpu", batch: int = 64
+    model: torch.nn.Module,
+    images: np.ndarray,
+    device: torch.device | str = "cpu",
+    batch: int | None = None,
 ) -> np.ndarray:
     """Denoise an in-memory stack (N, box, box) -> float32 array of the same shape."""
     filt = NetworkFilter(model, {}, torch.device(device), batch)
@@ -80,12 +120,22 @@ def denoise_source(
     out_star: str | Path,
     device: torch.device | str = "cpu",
     chunk_size: int = 256,
+    *,
+    scheduler: str | None = None,
+    workers: int | None = None,
 ) -> Path:
-    """Stream `source` (.star/.mrcs/array) through a saved model into OUT.star + OUT.mrcs."""
-    from cryosift.denoise.model_io import load_model
+    """Stream `source` (.star/.mrcs/array) through a saved model into OUT.star + OUT.mrcs.
+
+    ``scheduler`` / ``workers``: where the chunks run (None: in this process; see
+    :mod:`cryosift.engine`); on a cluster every worker loads the model from its path once.
+    """
+    from cryosift.denoise.model_io import load_model, resolve_model_path
+    from cryosift.engine import DenoiseOp
     from cryosift.filters.base import apply_filter_to_source
 
     model, meta = load_model(model_ref, device)
+    task = DenoiseOp(str(resolve_model_path(model_ref).resolve()), str(torch.device(device)))
     return apply_filter_to_source(
-        source, NetworkFilter(model, meta, torch.device(device)), out_star, chunk_size
+        source, NetworkFilter(model, meta, torch.device(device)), out_star, chunk_size,
+        scheduler=scheduler, workers=workers, task=task,
     )

@@ -372,22 +372,27 @@ def apply_filter_to_source(
     chunk_size: int = 256,
     *,
     pixel_size: float | None = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    task: Any = None,
 ) -> Path:
     """Stream ``source`` through ``filt`` into ``OUT.star``, ``OUT.mrcs`` and ``OUT_filter.json``.
 
     ``source``: an ImageSource, a path (.star or .mrcs) or an array; ``pixel_size`` overrides what
-    the input states. The output stack has the input's pixel size in its header; the STAR keeps
-    every input column and the optics table (for a bare stack: one minimal optics group) with
+    the input states. ``scheduler`` / ``workers``: where the chunks are filtered (None: in this
+    process; ``auto``, ``local``, a scheduler address or file: see :mod:`cryosift.engine`), with
+    ``task`` the engine operation standing for ``filt`` on the workers (default: ``filt``
+    itself, pickled). The output is the same wherever the chunks run.
+
+    The output stack has the input's pixel size in its header; the STAR keeps every input
+    column and the optics table (for a bare stack: one minimal optics group) with
     rlnImageName pointing at the new stack. Everything is refused before anything is written if
     the filter cannot run (CTF filters without CTF columns, cutoffs beyond Nyquist, no pixel
     size, output that would overwrite an input); on any failure nothing is left behind.
     """
-    from cryosift.io.atomic import atomic_write_json, temp_path_for
-    from cryosift.io.mrc import MrcsWriter
+    from cryosift.engine import FilterOp, SourceSpec, open_engine
     from cryosift.io.source import open_source
-    from cryosift.io.star import write_star
     from cryosift.progress import progress
-    from cryosift.provenance import provenance_record
 
     t0 = time.time()
     src = open_source(source, pixel_size=pixel_size)
@@ -418,20 +423,72 @@ def apply_filter_to_source(
             raise CryosiftError(str(err), src.path) from err
     parts, optics = _output_tables(src, stack_path.name, px, out_star.parent)
 
-    out_star.parent.mkdir(parents=True, exist_ok=True)
+    label = filt.name if not isinstance(filt, FilterChain) else "+".join(
+        f.name for f in filt.filters
+    )
+    with open_engine(
+        scheduler or "threads", workers, src.n_images, file_based=src.path is not None
+    ) as engine:
+        out_star.parent.mkdir(parents=True, exist_ok=True)
+        if engine is None:
+            chunks = (
+                (start, filt(chunk, BatchContext(
+                    pixel_size=px,
+                    metadata=None if metadata is None
+                    else metadata.iloc[start : start + len(chunk)],
+                )))
+                for start, chunk in progress(
+                    src.chunks(int(chunk_size)),
+                    total=math.ceil(src.n_images / int(chunk_size)),
+                    desc=f"filter {label}",
+                    unit="chunk",
+                )
+            )
+            execution: dict[str, Any] = {"engine": "threads"}
+        else:
+            chunks = engine.map_images(
+                SourceSpec.of(src),
+                task if task is not None else FilterOp.of(filt, label),
+                src.n_images,
+                src.box,
+                int(chunk_size),
+                out_star.parent,
+                desc=f"filter {label}",
+            )
+            execution = engine.describe()
+        _write_outputs(
+            src, chunks, label, filt, out_star, stack_path, json_path, parts, optics, px,
+            chunk_size, execution, t0,
+        )
+    return out_star
+
+
+def _write_outputs(
+    src: Any,
+    chunks: Any,
+    label: str,
+    filt: Filter,
+    out_star: Path,
+    stack_path: Path,
+    json_path: Path,
+    parts: pd.DataFrame,
+    optics: pd.DataFrame,
+    px: float,
+    chunk_size: int,
+    execution: dict[str, Any],
+    t0: float,
+) -> None:
+    """Write the filtered chunks (in order), the STAR and the provenance; rename all into place."""
+    from cryosift.io.atomic import atomic_write_json, temp_path_for
+    from cryosift.io.mrc import MrcsWriter
+    from cryosift.io.star import write_star
+    from cryosift.provenance import provenance_record
+
     tmp_stack, tmp_star, tmp_json = (temp_path_for(p) for p in (stack_path, out_star, json_path))
     placed: list[Path] = []
     try:
-        n_chunks = math.ceil(src.n_images / int(chunk_size))
-        label = filt.name if not isinstance(filt, FilterChain) else "+".join(
-            f.name for f in filt.filters
-        )
         with MrcsWriter(tmp_stack, src.n_images, src.box, px) as writer:
-            for start, chunk in progress(
-                src.chunks(int(chunk_size)), total=n_chunks, desc=f"filter {label}", unit="chunk"
-            ):
-                meta = None if metadata is None else metadata.iloc[start : start + len(chunk)]
-                out = filt(chunk, BatchContext(pixel_size=px, metadata=meta))
+            for start, out in chunks:
                 sums = out.sum(axis=(1, 2), dtype=np.float64)
                 if not np.isfinite(sums).all():
                     bad = start + int(np.argmax(~np.isfinite(sums))) + 1
@@ -450,6 +507,7 @@ def apply_filter_to_source(
                 ),
                 "chunk_size": int(chunk_size),
                 "pixel_size": px,
+                "execution": execution,
             },
             outputs={"star": str(out_star), "stack": str(stack_path)},
             n_images=src.n_images,
@@ -465,4 +523,7 @@ def apply_filter_to_source(
         for p in (tmp_stack, tmp_star, tmp_json, *placed):
             p.unlink(missing_ok=True)
         raise
-    return out_star
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:  # a generator: end the engine's tasks and staging now
+            close()

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-__all__ = ["in_worker", "map_slices", "single_threaded_torch"]
+__all__ = ["in_worker", "map_slices", "single_threaded_torch", "worker_mode"]
 
 _lock = threading.Lock()
 _users = 0
@@ -49,6 +49,22 @@ def single_threaded_torch() -> Iterator[int]:
             _users -= 1
             if _users == 0:
                 torch.set_num_threads(_saved_threads)
+
+
+@contextmanager
+def worker_mode() -> Iterator[None]:
+    """Run the block as one worker thread: torch single-threaded and filters serial inside.
+
+    Used by tasks of a Dask cluster (:mod:`cryosift.engine`), where parallelism comes from the
+    workers (one thread each by default), so a task must not start threads of its own.
+    """
+    previous = getattr(_local, "active", False)
+    with single_threaded_torch():
+        _local.active = True
+        try:
+            yield
+        finally:
+            _local.active = previous
 
 
 def in_worker() -> bool:

@@ -89,11 +89,33 @@ def select(
 
 
 def score_source(
-    screener: Screener, src: ImageSource, chunk_size: int = 1024, desc: str = "screen"
+    screener: Screener,
+    src: ImageSource,
+    chunk_size: int = 1024,
+    desc: str = "screen",
+    *,
+    engine: Any = None,
+    model_ref: str | Path | None = None,
 ) -> np.ndarray:
-    """Calibrated particle probability of every image of ``src``, read one chunk at a time."""
+    """Calibrated particle probability of every image of ``src``, read one chunk at a time.
+
+    With a Dask ``engine`` (:mod:`cryosift.engine`) the chunks are scored by its workers, each
+    loading the screener saved at ``model_ref`` (required then); scores are the same.
+    """
     screener.check_images(src.box, src.pixel_size, src.path)
     out = np.empty(len(src), dtype=np.float64)
+    if engine is not None:
+        if model_ref is None:
+            raise CryosiftError("scoring on a Dask cluster needs the screener's model path")
+        from cryosift.engine import ScreenOp, SourceSpec
+        from cryosift.screen.model_io import model_path
+
+        op = ScreenOp(str(model_path(model_ref).resolve()), str(screener.device))
+        for start, scores in engine.map_results(
+            SourceSpec.of(src), op, len(src), int(chunk_size), desc=desc
+        ):
+            out[start : start + len(scores)] = scores
+        return out
     chunks = src.chunks(chunk_size)
     total = math.ceil(len(src) / chunk_size)
     for start, chunk in progress(chunks, total=total, desc=desc, unit="chunk"):
@@ -195,8 +217,19 @@ def screen_source(
     chunk_size: int = 1024,
     montage_images: int = 8,
     provenance: dict[str, Any] | None = None,
+    *,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    model_ref: str | Path | None = None,
 ) -> ScreenResult:
-    """Score ``source`` and write DIR/scores.star, kept.star, rejected.star and figures."""
+    """Score ``source`` and write DIR/scores.star, kept.star, rejected.star and figures.
+
+    ``scheduler`` / ``workers``: where the chunks are scored (None: in this process; see
+    :mod:`cryosift.engine`); a cluster needs ``model_ref``, the screener's saved model, which
+    every worker loads once. Scores and outputs are the same wherever the chunks run.
+    """
+    from cryosift.engine import open_engine
+
     check_selection(threshold, keep_fraction)
     if int(chunk_size) < 1:
         raise CryosiftError(f"chunk size must be at least 1, got {chunk_size}")
@@ -213,9 +246,14 @@ def screen_source(
             raise InputError("output would overwrite an input file", out_dir / name)
     screener.check_images(src.box, src.pixel_size, src.path)
     parts, optics = _tables(src, out_dir)  # refuses a STAR without pixel size before scoring
-    t_score = time.time()
-    scores = score_source(screener, src, chunk_size)
-    t_score = time.time() - t_score
+    with open_engine(
+        scheduler or "threads", workers, len(src),
+        file_based=src.path is not None and model_ref is not None,
+    ) as engine:
+        t_score = time.time()
+        scores = score_source(screener, src, chunk_size, engine=engine, model_ref=model_ref)
+        t_score = time.time() - t_score
+        execution = engine.describe() if engine is not None else {"engine": "threads"}
     kept, thr = select(scores, threshold, keep_fraction)
     parts[SCORE_COLUMN] = scores
 
@@ -244,6 +282,7 @@ def screen_source(
             scoring_seconds=t_score,
             scoring_images_per_second=len(scores) / max(t_score, 1e-9),
             device=str(screener.device),
+            execution=execution,
         )
         atomic_write_json(staged["screen_apply"], record)
     log.info(
@@ -264,4 +303,5 @@ def load_and_screen(
     from cryosift.screen.model_io import load_screener
 
     check_selection(kwargs.get("threshold"), kwargs.get("keep_fraction"))
+    kwargs.setdefault("model_ref", model)
     return screen_source(load_screener(model, device), source, out_dir, **kwargs)
