@@ -185,7 +185,7 @@ def test_bad_apply_input(data, rbm_model, tmp_path, capsys):
                                 "architecture": {**payload["meta"]["architecture"],
                                                  "n_hidden": 32}}}
     cases["arch"] = (arch, "do not fit")
-    box = {**payload, "meta": {**payload["meta"], "box": 48}}
+    box = {**payload, "meta": {**payload["meta"], "box": 24}}  # below the 32 px work box
     cases["box"] = (box, "does not match its recorded box")
     cnn = {**payload, "meta": {**payload["meta"], "method": "cnn",
                                "architecture": {"widths": [8, 16]}}}

@@ -32,7 +32,10 @@ def _one_torch_thread():
 
 
 def test_defaults_and_sigma_scaled_with_the_working_box():
-    assert PreprocessConfig().to_dict() == OLD_RECORD  # the default chain is unchanged
+    # the default chain works at 32 px with σ_s 1 px; a record of the old default reads back
+    assert PreprocessConfig().to_dict() == {**OLD_RECORD, "work_box": 32,
+                                            "bilateral_sigma_spatial_px": 1.0}
+    assert PreprocessConfig.from_dict(OLD_RECORD).to_dict() == OLD_RECORD
     assert PreprocessConfig(chain=False).work_box == 64
     for box, sigma in ((64, 2.0), (48, 1.5), (32, 1.0)):
         cfg = PreprocessConfig(work_box=box)

@@ -50,9 +50,10 @@ def test_preprocess_chain_switch_and_standardisation():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(4, 40, 40)).astype(np.float32)
     x[:, 15:25, 15:25] += 2.0
-    on = preprocess(x, PreprocessConfig(chain=True))
+    on = preprocess(x, PreprocessConfig(chain=True, work_box=64))  # no resampling at 40 px
     off = preprocess(x, PreprocessConfig(chain=False))
     assert on.shape == off.shape == (4, 40, 40)
+    assert preprocess(x, PreprocessConfig()).shape == (4, 32, 32)  # the chain's 32 px box
     for out in (on, off):
         np.testing.assert_allclose(out.mean(axis=(1, 2)), 0, atol=1e-5)
         np.testing.assert_allclose(out.std(axis=(1, 2)), 1, atol=1e-4)

@@ -66,8 +66,9 @@ def command() -> None:
     help="Bilateral filter + histogram equalisation before the screener (seed 000). "
     "Default: on for rbm, off for cnn (the CNN uses the intensities histeq discards).",
 )
-@click.option("--work-box", default=64, show_default=True,
-              help="Larger images are Fourier-cropped to this box first.")
+@click.option("--work-box", type=int, default=None,
+              help="Larger images are Fourier-cropped to this box first [default: 32 with the "
+              "preprocessing chain, 64 without].")
 @click.option("--epochs", type=int, default=None, help="Training epochs (rbm 40, cnn 25).")
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--lr", type=float, default=None, help="Adam learning rate (rbm 1e-3, cnn 2e-3).")
@@ -98,7 +99,7 @@ def train(
     method: str,
     model_dir: Path,
     preprocess: bool | None,
-    work_box: int,
+    work_box: int | None,
     epochs: int | None,
     batch_size: int,
     lr: float | None,

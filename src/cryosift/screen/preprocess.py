@@ -2,7 +2,8 @@
 
 1. **Resample** to a working box (Fourier cropping, i.e. an ideal low-pass then decimation) when
    the images are larger than ``work_box``: screening decides "is there a particle here", which
-   lives at low resolution, and a 64 px working box makes scoring 128 px stacks ~4x cheaper.
+   lives at low resolution: with the chain the working box is 32 px (the chain costs ~16x less
+   than at 128 px), without it 64 px.
    Images at or below ``work_box`` are left as they are, so the seed's ablation is not blurred.
 2. **The chain of `000_*`** (switchable): bilateral filter (edge-preserving smoothing; the seed
    gives no parameters, ours are σ_s = 2 px at a 64 px working box — scaled with the box, so
@@ -38,10 +39,10 @@ __all__ = [
 
 
 #: working box when ``work_box`` is left to the default: with the chain, and without it.
-#: A 32 px box with the chain scores 128 px stacks ~4x faster and scored better on B3 quick at
-#: SNR 0.0078 (RBM 0.986 vs 0.977) but one image worse at 0.0156 (0.997 vs 0.998), so the
-#: default stays 64 (benchmarks/results/screen_speed.md).
-CHAIN_WORK_BOX = 64
+#: A 32 px box with the chain scores 128 px stacks ~4x faster than 64 px (2,094 vs 473 images/s
+#: on one core) and the RBM scored as well on B3 quick: 0.997 vs 0.998 at SNR 0.0156, 0.986 vs
+#: 0.977 at 0.0078 (benchmarks/results/screen_speed.md, screen_B3_quick_workbox/).
+CHAIN_WORK_BOX = 32
 PLAIN_WORK_BOX = 64
 #: the bilateral's σ_s at a 64 px working box; scaled with the box (1 px at 32 px)
 SIGMA_SPATIAL_AT_64 = 2.0
@@ -53,7 +54,7 @@ _LEGACY = {"work_box": 64, "bilateral_sigma_spatial_px": 2.0}
 class PreprocessConfig:
     """How images are prepared before a screener sees them (saved with the model).
 
-    ``work_box`` None: CHAIN_WORK_BOX with the chain, PLAIN_WORK_BOX without (64 px both).
+    ``work_box`` None: CHAIN_WORK_BOX (32 px) with the chain, PLAIN_WORK_BOX (64 px) without.
     ``bilateral_sigma_spatial_px`` None: 2 px x work_box / 64, the same physical smoothing at
     every working box (1 px at 32 px, window 7 px). Both are resolved on construction, so a
     saved model records numbers; a model saved before they existed lacks no field (all four
