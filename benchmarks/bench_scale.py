@@ -206,6 +206,25 @@ def markdown(res: dict) -> str:
             if n == lo and (stage, hi, w) in rss:
                 lines.append(f"- {stage}, {w} worker(s): {v:.0f} MB at N = {lo:,}, "
                              f"{rss[(stage, hi, w)]:.0f} MB at N = {hi:,}")
+    if len(sizes) >= 2:
+        lo, hi = sizes[0], sizes[-1]
+        wall: dict = {}
+        for r in rows:  # the fastest run of each configuration
+            key = (r["stage"], r["n_images"], r["workers"])
+            wall[key] = min(wall.get(key, float("inf")), r["wall_seconds"])
+        marginal = {
+            (stage, w): (hi - lo) / (wall[(stage, hi, w)] - v)
+            for (stage, n, w), v in wall.items()
+            if n == lo and (stage, hi, w) in wall and wall[(stage, hi, w)] > v
+        }
+        if marginal:
+            lines += ["", f"Marginal throughput between N = {lo:,} and N = {hi:,}: "
+                      f"({hi:,} - {lo:,}) / (wall at {hi:,} - wall at {lo:,}), i.e. without the "
+                      "fixed costs (cluster start-up, model loading, the last chunk's tail):", ""]
+            for (stage, w), v in sorted(marginal.items()):
+                one = marginal.get((stage, 1))
+                gain = f" ({v / one:.2f}× one worker)" if one and w != 1 else ""
+                lines.append(f"- {stage}, {w} worker(s): {v:.1f} images/s{gain}")
     if res.get("notes"):
         lines += ["", *res["notes"]]
     return "\n".join(lines) + "\n"

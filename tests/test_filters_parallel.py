@@ -57,3 +57,36 @@ def test_concurrent_callers_leave_torch_threads_unchanged():
     with single_threaded_torch() as saved:
         assert saved == before and torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
+
+
+def test_fixed_slices_are_the_same_on_any_number_of_threads_and_inside_a_worker():
+    """slice_size: the batch is cut at 0, s, 2s, ... whoever runs it, so that batched FFTs see
+    the same sub-batches in this process and in a Dask worker (bit-identical outputs)."""
+    from cryosift.filters.parallel import fixed_slice_size, worker_mode
+
+    def bounds_with(**kw) -> list[tuple[int, int]]:
+        seen: list[tuple[int, int]] = []
+        lock = threading.Lock()
+
+        def fn(start: int, stop: int) -> np.ndarray:
+            with lock:
+                seen.append((start, stop))
+            assert torch.get_num_threads() == 1
+            return np.arange(start, stop, dtype=np.float32)[:, None]
+
+        out = map_slices(fn, 37, np.zeros((37, 1), np.float32), slice_size=16, **kw)
+        np.testing.assert_array_equal(out[:, 0], np.arange(37))
+        return sorted(seen)
+
+    expected = [(0, 16), (16, 32), (32, 37)]
+    assert bounds_with(workers=1) == bounds_with(workers=3) == expected
+    with worker_mode():
+        assert bounds_with() == expected
+    assert (fixed_slice_size(32), fixed_slice_size(128), fixed_slice_size(4096)) == (128, 8, 1)
+    imgs = np.random.default_rng(2).normal(size=(300, 32, 32)).astype(np.float32)
+    lowpass = make_filter("lowpass", cutoff_A=8.0)
+    ctx = BatchContext(pixel_size=2.5)
+    here = lowpass(imgs, ctx)
+    with worker_mode():
+        in_worker_out = lowpass(imgs, ctx)
+    assert np.array_equal(here, in_worker_out)

@@ -68,6 +68,19 @@ __all__ = [
 
 #: ``--scheduler auto`` starts a local cluster for stacks of at least this many images.
 AUTO_LOCAL_MIN_IMAGES = 20_000
+
+#: Environment of local worker processes, set before they start. Dask's default sets
+#: MALLOC_TRIM_THRESHOLD_=65536, which also freezes glibc's mmap threshold at 128 kB: every
+#: large numpy/torch temporary is then a fresh mmap whose pages the kernel faults in and zeroes,
+#: and a U-Net worker spent ~45 % of its time in the kernel (denoise apply twice as slow as in
+#: this process; benchmarks/results/scale.md). Without it glibc's dynamic threshold applies, as
+#: in any other Python process; the thread caps of Dask's default are kept.
+WORKER_ENVIRON: dict[str, Any] = {
+    "MALLOC_TRIM_THRESHOLD_": None,
+    "OMP_NUM_THREADS": 1,
+    "MKL_NUM_THREADS": 1,
+    "OPENBLAS_NUM_THREADS": 1,
+}
 #: Seconds to wait for a remote scheduler (override with CRYOSIFT_DASK_TIMEOUT).
 DEFAULT_CONNECT_TIMEOUT = 30.0
 
@@ -167,6 +180,7 @@ def open_engine(
         yield None
         return
     try:
+        import dask
         import distributed
     except ImportError as err:  # pragma: no cover - a dependency of cryosift
         raise CryosiftError(
@@ -182,14 +196,8 @@ def open_engine(
     try:
         if kind == "local":
             n = int(workers) if workers else default_workers()
-            cluster = distributed.LocalCluster(
-                n_workers=n,
-                threads_per_worker=int(threads_per_worker),
-                processes=True,
-                dashboard_address=None,
-                # no dashboard; its bare HTTP server on any free port, not Dask's fixed 8787
-                scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
-            )
+            with dask.config.set({"distributed.nanny.pre-spawn-environ": WORKER_ENVIRON}):
+                cluster = _local_cluster(distributed, n, int(threads_per_worker))
             client = distributed.Client(cluster, set_as_default=False)
             where = f"local cluster of {n} worker process(es), {threads_per_worker} thread(s) each"
         else:
@@ -223,6 +231,18 @@ def open_engine(
                 cluster.close()
         finally:
             dlog.setLevel(saved_level)
+
+
+def _local_cluster(distributed: Any, n_workers: int, threads_per_worker: int) -> Any:
+    """A LocalCluster of single-process workers, no dashboard."""
+    return distributed.LocalCluster(
+        n_workers=n_workers,
+        threads_per_worker=threads_per_worker,
+        processes=True,
+        dashboard_address=None,
+        # no dashboard; its bare HTTP server on any free port, not Dask's fixed 8787
+        scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -104,13 +104,17 @@ def phase_flip(
     that averaging and correlating them add up instead of cancelling between CTF zeros.
     """
     from cryosift.filters.ctf import batch_ctf
+    from cryosift.filters.parallel import single_threaded_torch
 
     out = np.empty(images.shape, dtype=np.float32)
     n = images.shape[-1]
-    for s in range(0, len(images), chunk):
-        ctf = batch_ctf(metadata.iloc[s : s + chunk], n, pixel_size)
-        f = torch.fft.rfft2(torch.as_tensor(np.asarray(images[s : s + chunk], np.float32)))
-        out[s : s + chunk] = torch.fft.irfft2(f * torch.sign(ctf), s=(n, n)).numpy()
+    # single-threaded: MKL's multi-threaded inverse FFT rounds differently, and a Dask worker
+    # (one thread) must give the same features as this process
+    with single_threaded_torch():
+        for s in range(0, len(images), chunk):
+            ctf = batch_ctf(metadata.iloc[s : s + chunk], n, pixel_size)
+            f = torch.fft.rfft2(torch.as_tensor(np.asarray(images[s : s + chunk], np.float32)))
+            out[s : s + chunk] = torch.fft.irfft2(f * torch.sign(ctf), s=(n, n)).numpy()
     return out
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from cryosift.errors import CryosiftError, InputError
-from cryosift.filters.parallel import in_worker, map_slices
+from cryosift.filters.parallel import fixed_slice_size, map_slices
 
 __all__ = [
     "CTF_COLUMNS",
@@ -122,9 +122,10 @@ class Filter(ABC):
         self.check(ctx.pixel_size, batch.shape[-1])
         if self.needs_ctf:
             check_ctf_metadata(ctx.metadata, batch.shape[0], self.name)
-        if self.threaded and not in_worker():
+        if self.threaded:  # fixed slices, in a worker too: the same output on any engine
             out = np.empty(batch.shape, dtype=np.float32)
-            map_slices(lambda s, e: self.apply(batch[s:e], ctx.subset(s, e)), len(batch), out)
+            map_slices(lambda s, e: self.apply(batch[s:e], ctx.subset(s, e)), len(batch), out,
+                       slice_size=fixed_slice_size(batch.shape[-1]))
         else:
             out = np.ascontiguousarray(self.apply(batch, ctx), dtype=np.float32)
         if out.shape != batch.shape:  # pragma: no cover - a bug in a filter, not bad input

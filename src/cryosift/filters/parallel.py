@@ -24,12 +24,18 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-__all__ = ["in_worker", "map_slices", "single_threaded_torch", "worker_mode"]
+__all__ = [
+    "fixed_slice_size", "in_worker", "map_slices", "single_threaded_torch", "worker_mode",
+]
 
 _lock = threading.Lock()
 _users = 0
 _saved_threads = 1
 _local = threading.local()
+
+#: Pixels per slice of a filter's batch (:func:`fixed_slice_size`): 128 images of 32 px, 32 of
+#: 64 px, 8 of 128 px.
+SLICE_PIXELS = 2**17
 
 
 @contextmanager
@@ -72,18 +78,53 @@ def in_worker() -> bool:
     return getattr(_local, "active", False)
 
 
+def fixed_slice_size(box: int) -> int:
+    """Images per slice for :func:`map_slices` ``slice_size``: :data:`SLICE_PIXELS` pixels'
+    worth (at least 1), a function of the box only."""
+    return max(1, SLICE_PIXELS // max(1, int(box) ** 2))
+
+
 def map_slices(
     fn: Callable[[int, int], np.ndarray],
     n: int,
     out: np.ndarray,
     workers: int | None = None,
     min_per_worker: int = 4,
+    slice_size: int | None = None,
 ) -> np.ndarray:
     """Fill ``out[start:stop] = fn(start, stop)`` over contiguous slices of ``range(n)``.
 
     ``workers`` defaults to torch's thread count before this call (the cores torch would use);
     fewer when slices would hold under ``min_per_worker`` images; 1 inside another worker.
+    ``slice_size``: slices of exactly this many images at fixed offsets (0, s, 2s, ...),
+    whatever the number of workers, also when run serially inside a worker. Batched FFTs
+    (MKL) round differently for different batch sizes, so this is what makes a filter's
+    output bit-identical in this process, in a Dask worker and on any number of cores.
     """
+    if slice_size is not None:
+        edges = list(range(0, n, max(1, int(slice_size)))) + [n]
+        bounds = list(zip(edges[:-1], edges[1:], strict=True))
+        if in_worker():
+            for a, b in bounds:
+                out[a:b] = fn(a, b)
+            return out
+
+        def run_fixed(ab: tuple[int, int]) -> None:
+            _local.active = True
+            try:
+                out[ab[0] : ab[1]] = fn(*ab)
+            finally:
+                _local.active = False
+
+        with single_threaded_torch() as threads:
+            w = max(1, min(workers or threads, len(bounds)))
+            if w == 1:
+                for ab in bounds:
+                    run_fixed(ab)
+            else:
+                with ThreadPoolExecutor(max_workers=w) as pool:
+                    list(pool.map(run_fixed, bounds))
+        return out
 
     def run(bounds: tuple[int, int]) -> None:
         _local.active = True
