@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,7 @@ import torch
 
 from cryosift.errors import CryosiftError
 from cryosift.filters.base import BatchContext, Filter
-from cryosift.filters.parallel import in_worker, single_threaded_torch
+from cryosift.filters.parallel import in_worker, run_on_threads, single_threaded_torch
 
 # A model applied at another sampling sees features of another size in pixels: refuse factors
 # beyond this (resample the stack first, or train on it).
@@ -90,12 +89,7 @@ class NetworkFilter(Filter):
         else:
             with single_threaded_torch() as threads:
                 n_threads = 1 if in_worker() else max(1, min(threads, len(starts)))
-                if n_threads == 1:
-                    for start in starts:
-                        run(start)
-                else:
-                    with ThreadPoolExecutor(max_workers=n_threads) as pool:
-                        list(pool.map(run, starts))
+                run_on_threads(run, list(starts), n_threads)
         if self.meta.get("histeq"):  # a CDAE fine-tuned with 004's histogram equalisation
             from cryosift.denoise.cdae import histeq_keep_range
 

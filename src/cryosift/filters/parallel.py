@@ -20,12 +20,14 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import torch
 
 __all__ = [
-    "fixed_slice_size", "in_worker", "map_slices", "single_threaded_torch", "worker_mode",
+    "fixed_slice_size", "in_worker", "map_slices", "run_on_threads", "single_threaded_torch",
+    "worker_mode",
 ]
 
 _lock = threading.Lock()
@@ -101,30 +103,6 @@ def map_slices(
     (MKL) round differently for different batch sizes, so this is what makes a filter's
     output bit-identical in this process, in a Dask worker and on any number of cores.
     """
-    if slice_size is not None:
-        edges = list(range(0, n, max(1, int(slice_size)))) + [n]
-        bounds = list(zip(edges[:-1], edges[1:], strict=True))
-        if in_worker():
-            for a, b in bounds:
-                out[a:b] = fn(a, b)
-            return out
-
-        def run_fixed(ab: tuple[int, int]) -> None:
-            _local.active = True
-            try:
-                out[ab[0] : ab[1]] = fn(*ab)
-            finally:
-                _local.active = False
-
-        with single_threaded_torch() as threads:
-            w = max(1, min(workers or threads, len(bounds)))
-            if w == 1:
-                for ab in bounds:
-                    run_fixed(ab)
-            else:
-                with ThreadPoolExecutor(max_workers=w) as pool:
-                    list(pool.map(run_fixed, bounds))
-        return out
 
     def run(bounds: tuple[int, int]) -> None:
         _local.active = True
@@ -134,6 +112,16 @@ def map_slices(
             _local.active = False
 
     nested = in_worker()
+    if slice_size is not None:
+        edges = list(range(0, n, max(1, int(slice_size)))) + [n]
+        bounds = list(zip(edges[:-1], edges[1:], strict=True))
+        if nested:
+            for a, b in bounds:
+                out[a:b] = fn(a, b)
+            return out
+        with single_threaded_torch() as threads:
+            run_on_threads(run, bounds, max(1, min(workers or threads, len(bounds))))
+        return out
     with single_threaded_torch() as threads:
         w = 1 if nested else max(1, min(workers or threads, n // max(1, min_per_worker)))
         if w == 1:
@@ -142,7 +130,16 @@ def map_slices(
             else:
                 run((0, n))
             return out
-        edges = np.linspace(0, n, w + 1).astype(int)
-        with ThreadPoolExecutor(max_workers=w) as pool:
-            list(pool.map(run, zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True)))
+        cuts = np.linspace(0, n, w + 1).astype(int).tolist()
+        run_on_threads(run, list(zip(cuts[:-1], cuts[1:], strict=True)), w)
     return out
+
+
+def run_on_threads(fn: Callable[[Any], None], items: list[Any], n_threads: int) -> None:
+    """fn(item) for every item: in this thread when n_threads is 1, else in a pool of threads."""
+    if n_threads <= 1:
+        for item in items:
+            fn(item)
+        return
+    with ThreadPoolExecutor(max_workers=n_threads) as pool:
+        list(pool.map(fn, items))
