@@ -151,6 +151,15 @@ def stage_argv(stage: str, stack: Path, out: Path, model: Path, workers: int) ->
     raise ValueError(stage)
 
 
+def _best(rows: list[dict], field: str, pick) -> dict:
+    """(stage, N, workers) -> pick (max or min) of `field` over the runs of that configuration."""
+    out: dict = {}
+    for r in rows:
+        key = (r["stage"], r["n_images"], r["workers"])
+        out[key] = r[field] if key not in out else pick(out[key], r[field])
+    return out
+
+
 def markdown(res: dict) -> str:
     rows = res["runs"]
     lines = [
@@ -179,10 +188,7 @@ def markdown(res: dict) -> str:
         "load before → after (1 min) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    ips: dict = {}
-    for r in rows:  # the best run of each configuration
-        key = (r["stage"], r["n_images"], r["workers"])
-        ips[key] = max(ips.get(key, 0.0), r["images_per_second"])
+    ips = _best(rows, "images_per_second", max)  # the best run of each configuration
     for r in rows:
         one = ips.get((r["stage"], r["n_images"], 1))
         speed = f"{r['images_per_second'] / one:.2f}×" if one and r["workers"] != 1 else ""
@@ -198,20 +204,14 @@ def markdown(res: dict) -> str:
     sizes = sorted({r["n_images"] for r in rows})
     if len(sizes) >= 2:
         lo, hi = sizes[0], sizes[-1]
-        rss: dict = {}
-        for r in rows:  # the largest peak of each configuration
-            key = (r["stage"], r["n_images"], r["workers"])
-            rss[key] = max(rss.get(key, 0.0), r["peak_rss_tree_mb"])
+        rss = _best(rows, "peak_rss_tree_mb", max)  # the largest peak of each configuration
         for (stage, n, w), v in sorted(rss.items()):
             if n == lo and (stage, hi, w) in rss:
                 lines.append(f"- {stage}, {w} worker(s): {v:.0f} MB at N = {lo:,}, "
                              f"{rss[(stage, hi, w)]:.0f} MB at N = {hi:,}")
     if len(sizes) >= 2:
         lo, hi = sizes[0], sizes[-1]
-        wall: dict = {}
-        for r in rows:  # the fastest run of each configuration
-            key = (r["stage"], r["n_images"], r["workers"])
-            wall[key] = min(wall.get(key, float("inf")), r["wall_seconds"])
+        wall = _best(rows, "wall_seconds", min)  # the fastest run of each configuration
         marginal = {
             (stage, w): (hi - lo) / (wall[(stage, hi, w)] - v)
             for (stage, n, w), v in wall.items()

@@ -69,18 +69,13 @@ __all__ = [
 #: ``--scheduler auto`` starts a local cluster for stacks of at least this many images.
 AUTO_LOCAL_MIN_IMAGES = 20_000
 
-#: Environment of local worker processes, set before they start. Dask's default sets
-#: MALLOC_TRIM_THRESHOLD_=65536, which also freezes glibc's mmap threshold at 128 kB: every
-#: large numpy/torch temporary is then a fresh mmap whose pages the kernel faults in and zeroes,
-#: and a U-Net worker spent ~45 % of its time in the kernel (denoise apply twice as slow as in
-#: this process; benchmarks/results/scale.md). Without it glibc's dynamic threshold applies, as
-#: in any other Python process; the thread caps of Dask's default are kept.
-WORKER_ENVIRON: dict[str, Any] = {
-    "MALLOC_TRIM_THRESHOLD_": None,
-    "OMP_NUM_THREADS": 1,
-    "MKL_NUM_THREADS": 1,
-    "OPENBLAS_NUM_THREADS": 1,
-}
+#: Dask config override for local worker processes (applied before they start). Dask's default
+#: ``pre-spawn-environ`` sets MALLOC_TRIM_THRESHOLD_=65536, which also freezes glibc's mmap
+#: threshold at 128 kB: every large numpy/torch temporary is then a fresh mmap whose pages the
+#: kernel faults in and zeroes, and a U-Net worker spent ~45 % of its time in the kernel (denoise
+#: apply twice as slow as in this process; benchmarks/results/scale.md). Unset (None), glibc's
+#: dynamic threshold applies, as in any other Python process; Dask's thread caps stay.
+WORKER_CONFIG: dict[str, Any] = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
 #: Seconds to wait for a remote scheduler (override with CRYOSIFT_DASK_TIMEOUT).
 DEFAULT_CONNECT_TIMEOUT = 30.0
 
@@ -196,7 +191,7 @@ def open_engine(
     try:
         if kind == "local":
             n = int(workers) if workers else default_workers()
-            with dask.config.set({"distributed.nanny.pre-spawn-environ": WORKER_ENVIRON}):
+            with dask.config.set(WORKER_CONFIG):
                 cluster = _local_cluster(distributed, n, int(threads_per_worker))
             client = distributed.Client(cluster, set_as_default=False)
             where = f"local cluster of {n} worker process(es), {threads_per_worker} thread(s) each"

@@ -858,6 +858,17 @@ def pretrained_cached(kind: str, box: int, pixel_size: float, **params: Any) -> 
     return load_cdae(folder)[0], folder
 
 
+def _starting_model(
+    kind: str, box: int, pixel_size: float, pre: dict[str, Any], seed: int
+) -> tuple[CDAE, Path | str]:
+    """What a bench method fine-tunes: the cached phase-1 weights of "cdae" / "dae", or for
+    "dae_knn" (004 section 4.3: no simulated pre-training) one block of random weights."""
+    if kind == "dae_knn":
+        torch.manual_seed(int(seed))
+        return CDAE(DAEConfig(widths=tuple(pre["widths"])), n_blocks=1), "none (random weights)"
+    return pretrained_cached(kind, box, pixel_size, **pre)
+
+
 _RESULTS: OrderedDict[str, tuple[np.ndarray, dict]] = OrderedDict()  # cdae and cdae+histeq share
 
 
@@ -883,13 +894,8 @@ def _bench(kind: str, histeq: bool):
                              sort_keys=True, default=list)
             if key not in _RESULTS:
                 t0 = time.time()
-                if kind == "dae_knn":  # 004 section 4.3: no simulated pre-training
-                    torch.manual_seed(int(task.seed))
-                    model = CDAE(DAEConfig(widths=tuple(pre["widths"])), n_blocks=1)
-                    folder = "none (random initialisation)"
-                else:
-                    model, folder = pretrained_cached(kind, noisy.shape[-1], task.pixel_size,
-                                                      **pre)
+                model, folder = _starting_model(kind, noisy.shape[-1], task.pixel_size,
+                                                pre, task.seed)
                 t1 = time.time()
                 model, summary = finetune_cdae(model, noisy, seed=task.seed, **fine)
                 out = cdae_denoise(model, noisy)
@@ -915,25 +921,25 @@ BENCH_DEFAULTS: dict[str, Any] = {
 }
 BENCH_QUICK: dict[str, Any] = {"n_per_view": 250, "pretrain_epochs": 4, "epochs": 4}
 
-_TRAINING = {
-    "cdae": "pre-trained on simulated TRPV1 3J5P, fine-tuned with k-nearest-neighbour means",
-    "dae": "pre-trained on simulated TRPV1 3J5P, fine-tuned with k-nearest-neighbour means",
-    "dae_knn": "trained from random weights on the stack's k-nearest-neighbour means only, as "
-    "004's own single-DAE baseline (section 4.3); as many epochs as the cascade's three blocks",
+_PRETRAINED = "pre-trained on simulated TRPV1 3J5P, fine-tuned with k-nearest-neighbour means"
+#: kind -> (label, how it is trained, fine-tuning epochs as a multiple of the cascade's)
+_KINDS = {
+    "cdae": ("CDAE cascade of 3 DAEs", _PRETRAINED, 1),
+    "dae": ("single DAE (one block)", _PRETRAINED, 1),
+    "dae_knn": ("single DAE (one block)", "trained from random weights on the stack's "
+                "k-nearest-neighbour means only, as 004's own single-DAE baseline (section 4.3); "
+                "as many epochs as the cascade's three blocks", 3),
 }
-for _kind, _label in (("cdae", "CDAE cascade of 3 DAEs"), ("dae", "single DAE (one block)"),
-                      ("dae_knn", "single DAE (one block)")):
+for _kind, (_label, _training, _epochs) in _KINDS.items():
     for _histeq in (False, True):
         register(
             Method(
                 "denoiser",
                 _kind + ("+histeq" if _histeq else ""),
                 _bench(_kind, _histeq),
-                f"{_label} (seed 004): {_TRAINING[_kind]}"
+                f"{_label} (seed 004): {_training}"
                 f"{', histogram-equalised' if _histeq else ''}",
-                defaults=BENCH_DEFAULTS if _kind != "dae_knn"
-                else {**BENCH_DEFAULTS, "epochs": 3 * BENCH_DEFAULTS["epochs"]},
-                quick=BENCH_QUICK if _kind != "dae_knn"
-                else {**BENCH_QUICK, "epochs": 3 * BENCH_QUICK["epochs"]},
+                defaults={**BENCH_DEFAULTS, "epochs": _epochs * BENCH_DEFAULTS["epochs"]},
+                quick={**BENCH_QUICK, "epochs": _epochs * BENCH_QUICK["epochs"]},
             )
         )

@@ -112,26 +112,19 @@ def map_slices(
             _local.active = False
 
     nested = in_worker()
-    if slice_size is not None:
-        edges = list(range(0, n, max(1, int(slice_size)))) + [n]
-        bounds = list(zip(edges[:-1], edges[1:], strict=True))
-        if nested:
+    with single_threaded_torch() as threads:
+        if slice_size is not None:
+            cuts = list(range(0, n, max(1, int(slice_size)))) + [n]
+            w = max(1, min(workers or threads, len(cuts) - 1))
+        else:
+            w = max(1, min(workers or threads, n // max(1, min_per_worker)))
+            cuts = np.linspace(0, n, (1 if nested else w) + 1).astype(int).tolist()
+        bounds = list(zip(cuts[:-1], cuts[1:], strict=True))
+        if nested:  # inside another worker: serially, in this thread
             for a, b in bounds:
                 out[a:b] = fn(a, b)
-            return out
-        with single_threaded_torch() as threads:
-            run_on_threads(run, bounds, max(1, min(workers or threads, len(bounds))))
-        return out
-    with single_threaded_torch() as threads:
-        w = 1 if nested else max(1, min(workers or threads, n // max(1, min_per_worker)))
-        if w == 1:
-            if nested:
-                out[:n] = fn(0, n)
-            else:
-                run((0, n))
-            return out
-        cuts = np.linspace(0, n, w + 1).astype(int).tolist()
-        run_on_threads(run, list(zip(cuts[:-1], cuts[1:], strict=True)), w)
+        else:
+            run_on_threads(run, bounds, w)
     return out
 
 
