@@ -443,7 +443,9 @@ def _run_chunk(
 ) -> tuple[int, int, Any]:
     """Compute images start..stop-1; write them to staging (-> crc32) or return the result."""
     from cryosift.filters.parallel import worker_mode
+    from cryosift.malloc import keep_freed_memory
 
+    keep_freed_memory()
     with worker_mode():
         src = _cached(source.key(), source.open)
         fn = _cached((*source.key(), *op.key()), lambda: op.build(src))

@@ -13,6 +13,7 @@ import click
 
 from cryosift import __version__
 from cryosift.errors import CryosiftError
+from cryosift.malloc import keep_freed_memory
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -46,6 +47,7 @@ _register()
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: run the CLI, turn known errors into one line and an exit code."""
+    keep_freed_memory()  # torch's per-batch temporaries then cost no page faults (malloc.py)
     try:
         cli.main(args=argv, prog_name="cryosift", standalone_mode=False)
     except CryosiftError as exc:

@@ -11,12 +11,16 @@ import torch
 from cryosift.errors import CryosiftError
 from cryosift.filters.base import BatchContext, Filter
 from cryosift.filters.parallel import in_worker, run_on_threads, single_threaded_torch
+from cryosift.malloc import keep_freed_memory
 
 # A model applied at another sampling sees features of another size in pixels: refuse factors
 # beyond this (resample the stack first, or train on it).
 MAX_PIXEL_SIZE_RATIO = 1.5
-#: pixels per forward pass of a denoiser (the U-Net's activations are ~20x this in floats)
-BATCH_PIXELS = 64 * 64 * 64
+#: pixels per forward pass of a denoiser (the U-Net's activations are ~20x this in floats): 16
+#: images of 64 px, 4 of 128 px. Small enough for the activations to stay in cache and in the
+#: heap (cryosift.malloc): the general model, one thread, 128 px, runs at 131 images/s in
+#: batches of 4 against 99 in batches of 16 (benchmarks/results/scale.md).
+BATCH_PIXELS = 4 * 128 * 128
 
 
 class NetworkFilter(Filter):
@@ -32,9 +36,10 @@ class NetworkFilter(Filter):
         device: torch.device,
         batch: int | None = None,
     ) -> None:
-        """``batch``: images per forward pass; default :data:`BATCH_PIXELS` pixels' worth (64
-        images of 64 px, 16 of 128 px), which bounds the activations' memory."""
+        """``batch``: images per forward pass; default :data:`BATCH_PIXELS` pixels' worth (16
+        images of 64 px, 4 of 128 px), which bounds the activations' memory."""
         self.model, self.meta, self.device, self.batch = model, meta, device, batch
+        keep_freed_memory()
 
     def batch_size(self, box: int) -> int:
         if self.batch is not None:
