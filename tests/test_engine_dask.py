@@ -125,12 +125,14 @@ def test_filter_on_dask_equals_in_process(dataset, cluster, tmp_path):
     assert sorted(os.listdir(b.parent)) == ["out.mrcs", "out.star", "out_filter.json"]
 
 
-def test_denoise_apply_on_dask_equals_in_process(dataset, cluster, tmp_path):
+@pytest.mark.parametrize("tta", [False, True])
+def test_denoise_apply_on_dask_equals_in_process(dataset, cluster, tmp_path, tta):
     from cryosift.denoise.apply import denoise_source
 
-    a = denoise_source("general", dataset, tmp_path / "a" / "den.star", chunk_size=CHUNK)
+    a = denoise_source("general", dataset, tmp_path / "a" / "den.star", chunk_size=CHUNK,
+                       tta=tta)
     b = denoise_source("general", dataset, tmp_path / "b" / "den.star", chunk_size=CHUNK,
-                       scheduler=cluster.scheduler_address)
+                       scheduler=cluster.scheduler_address, tta=tta)
     _same_bytes(a.with_suffix(".mrcs"), b.with_suffix(".mrcs"))
     _same_bytes(a, b)
 

@@ -37,6 +37,7 @@ from cryosift.io import (
     write_mrcs,
     write_star,
 )
+from cryosift.io.mrc import write_images_at
 
 BOX = 24
 
@@ -160,6 +161,28 @@ def test_mrcs_writer_chunked_equals_one_shot(tmp_path: Path) -> None:
         assert float(b.header.dmean) == pytest.approx(float(a.header.dmean), rel=1e-5, abs=1e-6)
         assert float(b.header.rms) == pytest.approx(float(a.header.rms), rel=1e-5)
     assert _dir_listing(tmp_path) == ["chunked.mrcs", "oneshot.mrcs"]
+
+
+def test_images_written_by_other_processes_give_the_same_file(tmp_path: Path) -> None:
+    """Dask workers write their chunks straight into the writer's data file and the writer
+    records their statistics: byte for byte the file of in-order appends, rewrites harmless."""
+    imgs = _stack(11)
+    with MrcsWriter(tmp_path / "appended.mrcs", n=11, box=BOX, pixel_size=1.7) as w:
+        for start in (0, 4, 8):
+            w.append(imgs[start : start + 4])
+    with MrcsWriter(tmp_path / "placed.mrcs", n=11, box=BOX, pixel_size=1.7) as w:
+        stats = {s: write_images_at(w.data_file, w.data_offset, s, imgs[s : s + 4])
+                 for s in (8, 0, 4)}  # out of order, as tasks finish
+        write_images_at(w.data_file, w.data_offset, 4, imgs[4:8])  # a re-run task
+        for s in (0, 4, 8):  # recorded in order, as the engine does
+            w.record(s, min(s + 4, 11), stats[s])
+        with pytest.raises(ValueError, match="already written"):
+            w.record(4, 8, stats[4])
+    assert (tmp_path / "appended.mrcs").read_bytes() == (tmp_path / "placed.mrcs").read_bytes()
+    with pytest.raises(RuntimeError, match="only 4 of 11"), \
+            MrcsWriter(tmp_path / "short.mrcs", 11, BOX, 1.0) as w:
+        w.record(0, 4, write_images_at(w.data_file, w.data_offset, 0, imgs[:4]))
+    assert _dir_listing(tmp_path) == ["appended.mrcs", "placed.mrcs"]
 
 
 def test_mrcs_writer_failure_leaves_old_file_and_no_temp(tmp_path: Path) -> None:

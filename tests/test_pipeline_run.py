@@ -114,6 +114,14 @@ def test_rerun_reuses_unchanged_stages_and_redoes_changed_ones(finished, data, t
     assert [st[s]["status"] for s in STAGES] == ["reused"] * 3 + ["done"] * 2
     classes = read_star(out / "classify" / "classes.star").particles
     assert set(classes["rlnClassNumber"]) == {1, 2, 3}
+    # test-time augmentation changes the denoised images: that stage and the evaluation of
+    # them rerun; screening and align2d read the normalised images and are reused
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CRYOSIFT_NO_PROGRESS", "1")
+        assert run_cli([*args, "--denoise-tta"]) == 0
+    st = _stages(out)
+    assert [st[s]["status"] for s in STAGES] == ["reused", "done", "reused", "reused", "done"]
+    assert '"tta": true' in (out / "denoise" / "denoised_filter.json").read_text()
 
 
 def test_config_file_mirrors_flags_and_rejects_unknown_keys(finished, data, tmp_path, capsys):

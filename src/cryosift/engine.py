@@ -20,16 +20,17 @@ split a stack into chunks of consecutive images; on a cluster each chunk is one 
 **How a task runs.** The client never ships pixels: a task gets a picklable :class:`SourceSpec`
 (the input path and pixel size) and an operation spec (a pickled filter, or a model path and
 device), and the worker opens the source and builds the operation itself, once per worker
-process (both are cached). A task whose output is images writes them to
-``<staging>/chunk_<start>.npy`` under a temporary name and renames it into place, so a task
-re-run after a lost worker overwrites the same file with the same content: no image is lost or
-duplicated. It returns ``(start, stop, crc32)``. The client collects tasks as they complete
-(progress bar over chunks), and hands chunks to the caller strictly in order — read back from
-staging one at a time, so the client holds one chunk in memory — where the usual writer
-(:class:`cryosift.io.mrc.MrcsWriter`, which refuses an image written twice) assembles the
-output under a temporary name and renames it into place. Tasks whose result is small (scores,
-features) return it directly. Chunks, per-image operations and the order of assembly are the
-same as in-process, so outputs are identical whichever scheduler runs them.
+process (both are cached). A task whose output is images writes them itself, with one
+positioned write, into the output's temporary MRC file at their place
+(:func:`cryosift.io.mrc.write_images_at`), so a task re-run after a lost worker writes the same
+bytes again: no image is lost or duplicated. It returns the chunk's statistics. The client
+collects tasks as they complete (progress bar over chunks) and records them strictly in order
+with the output's :class:`cryosift.io.mrc.MrcsWriter`, which refuses an image recorded twice
+and renames the file into place only when every image is there. No pixel passes through the
+client: it is not the bottleneck of a large cluster and holds no image in memory. Tasks whose
+result is small (scores, features) return it directly. Chunks, per-image operations and the
+order of the statistics are the same as in-process, so outputs are identical whichever
+scheduler runs them.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import shutil
 import threading
 import zlib
 from collections import OrderedDict
@@ -324,13 +324,15 @@ class FilterOp(_Op):
 
 @dataclass(frozen=True)
 class DenoiseOp(_Op):
-    """A saved denoiser (absolute model path) applied as a NetworkFilter on ``device``."""
+    """A saved denoiser (absolute model path) applied as a NetworkFilter on ``device``
+    (``tta``: averaged over the 8 rotations and flips)."""
 
     model_path: str
     device: str = "cpu"
+    tta: bool = False
 
     def key(self) -> tuple:
-        return ("denoise", self.model_path, _mtime(self.model_path), self.device)
+        return ("denoise", self.model_path, _mtime(self.model_path), self.device, self.tta)
 
     def build(self, src: Any) -> ChunkFn:
         import torch
@@ -340,7 +342,7 @@ class DenoiseOp(_Op):
         from cryosift.filters.base import BatchContext
 
         model, meta = load_model(self.model_path, self.device)
-        filt = NetworkFilter(model, meta, torch.device(self.device))
+        filt = NetworkFilter(model, meta, torch.device(self.device), tta=self.tta)
         px = src.pixel_size
 
         def run(images: np.ndarray, start: int, stop: int) -> np.ndarray:
@@ -433,15 +435,20 @@ def _cached(key: tuple, make: Callable[[], Any]) -> Any:
         return obj
 
 
-def chunk_file(staging: str | Path, start: int) -> Path:
-    """Where the task for images ``start``.. writes its output chunk."""
-    return Path(staging) / f"chunk_{int(start):012d}.npy"
+@dataclass(frozen=True)
+class ImageTarget:
+    """Where a task writes its output images: the output's temporary MRC data file, images
+    from byte ``offset`` (see :class:`cryosift.io.mrc.MrcsWriter`)."""
+
+    path: str
+    offset: int
 
 
 def _run_chunk(
-    source: SourceSpec, op: _Op, start: int, stop: int, staging: str | None
+    source: SourceSpec, op: _Op, start: int, stop: int, target: ImageTarget | None
 ) -> tuple[int, int, Any]:
-    """Compute images start..stop-1; write them to staging (-> crc32) or return the result."""
+    """Compute images start..stop-1; write them into ``target`` (-> their statistics) or
+    return the result."""
     from cryosift.filters.parallel import worker_mode
     from cryosift.malloc import keep_freed_memory
 
@@ -452,19 +459,11 @@ def _run_chunk(
         images = src.images(slice(start, stop))
         src.release_pages()
         out = fn(images, start, stop)
-    if staging is None:
+    if target is None:
         return start, stop, out
-    arr = np.ascontiguousarray(out, dtype=np.float32)
-    final = chunk_file(staging, start)
-    tmp = final.with_name(f".{final.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            np.save(fh, arr, allow_pickle=False)
-        os.replace(tmp, final)  # a re-run overwrites the same complete file
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return start, stop, zlib.crc32(arr)
+    from cryosift.io.mrc import write_images_at
+
+    return start, stop, write_images_at(target.path, target.offset, start, out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -499,7 +498,8 @@ class DaskEngine:
         return dict(self.client.run(os.getpid))
 
     def _submit(
-        self, source: SourceSpec, op: _Op, n_images: int, chunk_size: int, staging: str | None
+        self, source: SourceSpec, op: _Op, n_images: int, chunk_size: int,
+        target: ImageTarget | None,
     ) -> dict[int, Any]:
         if int(chunk_size) < 1:
             raise CryosiftError(f"chunk size must be at least 1, got {chunk_size}")
@@ -507,7 +507,7 @@ class DaskEngine:
         for start in range(0, int(n_images), int(chunk_size)):
             stop = min(start + int(chunk_size), int(n_images))
             futures[start] = self.client.submit(
-                _run_chunk, source, op, start, stop, staging,
+                _run_chunk, source, op, start, stop, target,
                 key=f"cryosift-chunk-{secrets.token_hex(6)}-{start}", pure=False,
             )
         return futures
@@ -548,35 +548,27 @@ class DaskEngine:
         if nxt != n_images:  # pragma: no cover - every chunk is yielded once, in order
             raise RuntimeError(f"assembled {nxt} of {n_images} images")
 
-    def map_images(
+    def write_images(
         self,
         source: SourceSpec,
         op: _Op,
         n_images: int,
-        box: int,
         chunk_size: int,
-        staging_parent: str | Path,
+        writer: Any,
         desc: str = "chunks",
-    ) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield (start, output images) for every chunk, in order; workers write the chunks
-        to a staging folder in ``staging_parent`` (removed at the end, also on failure)."""
-        parent = Path(staging_parent).resolve()
-        parent.mkdir(parents=True, exist_ok=True)
-        staging = parent / f".cryosift-chunks-{os.getpid()}-{secrets.token_hex(4)}"
-        staging.mkdir()
+    ) -> None:
+        """Compute every chunk on the workers, each written by its worker straight into the
+        open :class:`~cryosift.io.mrc.MrcsWriter`'s temporary file; the client only records
+        each chunk's statistics, in order (the header then matches an in-process run)."""
+        from cryosift.io.atomic import output_error
+
+        target = ImageTarget(str(Path(writer.data_file).resolve()), int(writer.data_offset))
+        futures = self._submit(source, op, n_images, chunk_size, target)
         try:
-            futures = self._submit(source, op, n_images, chunk_size, str(staging))
-            for start, stop, crc in self._ordered(futures, n_images, desc):
-                path = chunk_file(staging, start)
-                arr = np.load(path, allow_pickle=False)
-                if arr.shape != (stop - start, box, box) or zlib.crc32(
-                    np.ascontiguousarray(arr)
-                ) != crc:
-                    raise CryosiftError(f"chunk of images {start + 1}-{stop} is damaged", path)
-                path.unlink()
-                yield start, arr
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            for start, stop, stats in self._ordered(futures, n_images, desc):
+                writer.record(start, stop, stats)
+        except OSError as err:  # a worker could not write (disk full): one line
+            raise output_error(err, writer.path) from err
 
     def map_results(
         self,

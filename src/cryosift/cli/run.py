@@ -31,6 +31,9 @@ log = logging.getLogger("cryosift")
 @click.option("--denoise-steps-per-epoch", default=100, show_default=True)
 @click.option("--denoise-max-images", default=5000, show_default=True,
               help="Train the denoiser on at most this many images.")
+@click.option("--denoise-tta/--no-denoise-tta", default=False, show_default=True,
+              help="Average the denoiser over the 8 rotations and flips of each image (better "
+              "at low SNR, 8x the apply compute).")
 @click.option("--screen", default="auto", show_default=True,
               help="auto (train when --screen-labels or --good-classes is given, else skip), "
               "none, or a model folder from `cryosift screen train`.")

@@ -35,10 +35,14 @@ class NetworkFilter(Filter):
         meta: dict[str, Any],
         device: torch.device,
         batch: int | None = None,
+        tta: bool = False,
     ) -> None:
         """``batch``: images per forward pass; default :data:`BATCH_PIXELS` pixels' worth (16
-        images of 64 px, 4 of 128 px), which bounds the activations' memory."""
+        images of 64 px, 4 of 128 px), which bounds the activations' memory. ``tta``: average
+        the network's output over the 8 rotations and flips of each image
+        (:func:`dihedral_average`; 8x the compute)."""
         self.model, self.meta, self.device, self.batch = model, meta, device, batch
+        self.tta = bool(tta)
         keep_freed_memory()
 
     def batch_size(self, box: int) -> int:
@@ -47,7 +51,7 @@ class NetworkFilter(Filter):
         return max(1, min(64, BATCH_PIXELS // (int(box) * int(box))))
 
     def params(self) -> dict[str, Any]:
-        return {"model": self.meta, "device": str(self.device)}
+        return {"model": self.meta, "device": str(self.device), "tta": self.tta}
 
     def check(self, pixel_size: float | None, box: int) -> None:
         span = self.meta.get("pixel_size_range")  # models trained across pixel sizes
@@ -85,7 +89,8 @@ class NetworkFilter(Filter):
         def run(start: int) -> None:
             with torch.no_grad():  # grad mode is per thread
                 x = torch.from_numpy(images[start : start + batch])[:, None]
-                y = self.model(x.to(self.device))
+                x = x.to(self.device)
+                y = dihedral_average(self.model, x) if self.tta else self.model(x)
                 out[start : start + batch] = y[:, 0].float().cpu().numpy()
 
         if self.device.type != "cpu":
@@ -102,14 +107,34 @@ class NetworkFilter(Filter):
         return out
 
 
+def dihedral_average(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The mean of ``T⁻¹(model(T(x)))`` over the 8 rotations by 90° and flips T of (B, 1, H, W)
+    square images: test-time augmentation.
+
+    A particle has no preferred in-plane orientation, so each of the 8 outputs is an equally
+    good estimate and their errors (the network's own, and noise it passes through) differ;
+    the mean is better than any one of them and exactly equivariant (rotating the input
+    rotates the output).
+    """
+    total = torch.zeros_like(x)
+    for flip in (False, True):
+        xf = torch.flip(x, dims=(-1,)) if flip else x
+        for k in range(4):
+            y = torch.rot90(model(torch.rot90(xf, k, dims=(-2, -1))), -k, dims=(-2, -1))
+            total += torch.flip(y, dims=(-1,)) if flip else y
+    return total / 8
+
+
 def denoise_array(
     model: torch.nn.Module,
     images: np.ndarray,
     device: torch.device | str = "cpu",
     batch: int | None = None,
+    tta: bool = False,
 ) -> np.ndarray:
-    """Denoise an in-memory stack (N, box, box) -> float32 array of the same shape."""
-    filt = NetworkFilter(model, {}, torch.device(device), batch)
+    """Denoise an in-memory stack (N, box, box) -> float32 array of the same shape (``tta``:
+    average over the 8 rotations and flips, :func:`dihedral_average`)."""
+    filt = NetworkFilter(model, {}, torch.device(device), batch, tta=tta)
     return filt(np.asarray(images, dtype=np.float32), BatchContext(pixel_size=None))
 
 
@@ -122,19 +147,23 @@ def denoise_source(
     *,
     scheduler: str | None = None,
     workers: int | None = None,
+    tta: bool = False,
 ) -> Path:
     """Stream `source` (.star/.mrcs/array) through a saved model into OUT.star + OUT.mrcs.
 
     ``scheduler`` / ``workers``: where the chunks run (None: in this process; see
     :mod:`cryosift.engine`); on a cluster every worker loads the model from its path once.
+    ``tta``: average over the 8 rotations and flips of each image (8x the compute).
     """
     from cryosift.denoise.model_io import load_model, resolve_model_path
     from cryosift.engine import DenoiseOp
     from cryosift.filters.base import apply_filter_to_source
 
     model, meta = load_model(model_ref, device)
-    task = DenoiseOp(str(resolve_model_path(model_ref).resolve()), str(torch.device(device)))
+    task = DenoiseOp(
+        str(resolve_model_path(model_ref).resolve()), str(torch.device(device)), tta=tta
+    )
     return apply_filter_to_source(
-        source, NetworkFilter(model, meta, torch.device(device)), out_star, chunk_size,
+        source, NetworkFilter(model, meta, torch.device(device), tta=tta), out_star, chunk_size,
         scheduler=scheduler, workers=workers, task=task,
     )

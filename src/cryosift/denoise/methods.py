@@ -1,34 +1,67 @@
-"""Learned denoisers registered for `cryosift bench` (trained on the benchmark's own noisy data)."""
+"""Learned denoisers registered for `cryosift bench` (trained on the benchmark's own noisy data).
+
+Each comes twice: plain, and ``+tta`` (the same model's output averaged over the 8 rotations
+and flips, :func:`cryosift.denoise.apply.dihedral_average`). Within one benchmark run the two
+share one trained model (cached by method, parameters, seed and the images' hash), so the
+rows differ only by the averaging.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import tempfile
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
+import torch
 
 from cryosift.denoise.apply import denoise_array
 from cryosift.denoise.training import TrainConfig, train_denoiser
 from cryosift.registry import DenoiseTask, Method, register
 
+_MODELS: OrderedDict[str, tuple[torch.nn.Module, dict]] = OrderedDict()
 
-def _trained(method: str):
+
+def _digest(*arrays: np.ndarray | None) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for a in arrays:
+        if a is not None:
+            h.update(np.ascontiguousarray(a, dtype=np.float32).tobytes())
+    return h.hexdigest()
+
+
+def _train_once(method: str, task: DenoiseTask, params: dict) -> tuple[torch.nn.Module, dict]:
+    """The model trained with these settings on these images (trained at most once)."""
+    from cryosift.denoise.model_io import load_model
+
+    key = json.dumps([method, params, task.seed, task.pixel_size,
+                      _digest(task.noisy, task.noisy_b)], sort_keys=True, default=str)
+    if key not in _MODELS:
+        cfg = TrainConfig(method=method, seed=task.seed, **params)
+        with tempfile.TemporaryDirectory(prefix=f"cryosift-{method}-") as tmp:
+            summary = train_denoiser(
+                task.noisy, tmp, cfg, images_b=task.noisy_b, pixel_size=task.pixel_size
+            )
+            model, _ = load_model(tmp)
+        record = {
+            **summary["train_config"],
+            "best_epoch": summary["best_epoch"],
+            "train_seconds": summary["seconds"],
+        }
+        _MODELS[key] = (model, record)
+        while len(_MODELS) > 2:
+            _MODELS.popitem(last=False)
+    return _MODELS[key]
+
+
+def _trained(method: str, tta: bool = False):
     def factory(**params: Any):
         def run(task: DenoiseTask) -> np.ndarray:
-            from cryosift.denoise.model_io import load_model
-
-            cfg = TrainConfig(method=method, seed=task.seed, **params)
-            with tempfile.TemporaryDirectory(prefix=f"cryosift-{method}-") as tmp:
-                summary = train_denoiser(
-                    task.noisy, tmp, cfg, images_b=task.noisy_b, pixel_size=task.pixel_size
-                )
-                model, _ = load_model(tmp)
-            run.params = {
-                **summary["train_config"],
-                "best_epoch": summary["best_epoch"],  # type: ignore[attr-defined]
-                "train_seconds": summary["seconds"],
-            }
-            return denoise_array(model, task.noisy)
+            model, record = _train_once(method, task, params)
+            run.params = {**record, "tta": tta}  # type: ignore[attr-defined]
+            return denoise_array(model, task.noisy, tta=tta)
 
         return run
 
@@ -41,48 +74,56 @@ BENCH_TRAINING = {
 }
 BENCH_QUICK = {"epochs": 5}
 
-register(
-    Method(
-        "denoiser",
-        "n2n",
-        _trained("n2n"),
-        "Noise2Noise U-Net (seed 003) trained on the two noise realisations",
-        needs=frozenset({"pairs"}),
-        defaults=BENCH_TRAINING,
-        quick=BENCH_QUICK,
+_TTA = ", averaged over the 8 rotations and flips"
+for _tta in (False, True):
+    _suffix = "+tta" if _tta else ""
+    register(
+        Method(
+            "denoiser",
+            "n2n" + _suffix,
+            _trained("n2n", _tta),
+            "Noise2Noise U-Net (seed 003) trained on the two noise realisations"
+            + (_TTA if _tta else ""),
+            needs=frozenset({"pairs"}),
+            defaults=BENCH_TRAINING,
+            quick=BENCH_QUICK,
+        )
     )
-)
-register(
-    Method(
-        "denoiser",
-        "n2v",
-        _trained("n2v"),
-        "Noise2Void U-Net (blind-spot, single noisy images)",
-        defaults=BENCH_TRAINING,
-        quick=BENCH_QUICK,
+    register(
+        Method(
+            "denoiser",
+            "n2v" + _suffix,
+            _trained("n2v", _tta),
+            "Noise2Void U-Net (blind-spot, single noisy images)" + (_TTA if _tta else ""),
+            defaults=BENCH_TRAINING,
+            quick=BENCH_QUICK,
+        )
     )
-)
 
 
-def _shipped(name: str):
+def _shipped(name: str, tta: bool = False):
     def factory(**params: Any):
         def run(task: DenoiseTask) -> np.ndarray:
             from cryosift.denoise.model_io import load_model
 
             model, meta = load_model(name)
-            run.params = {"model": name, "recipe": meta.get("recipe")}  # type: ignore[attr-defined]
-            return denoise_array(model, task.noisy)
+            run.params = {  # type: ignore[attr-defined]
+                "model": name, "recipe": meta.get("recipe"), "tta": tta,
+            }
+            return denoise_array(model, task.noisy, tta=tta)
 
         return run
 
     return factory
 
 
-register(
-    Method(
-        "denoiser",
-        "general",
-        _shipped("general"),
-        "shipped general Noise2Noise U-Net (4 other proteins, SNR 0.01-0.5, no training here)",
+for _tta in (False, True):
+    register(
+        Method(
+            "denoiser",
+            "general" + ("+tta" if _tta else ""),
+            _shipped("general", _tta),
+            "shipped general Noise2Noise U-Net (4 other proteins, SNR 0.01-0.5, no training "
+            "here)" + (_TTA if _tta else ""),
+        )
     )
-)

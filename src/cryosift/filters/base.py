@@ -18,7 +18,7 @@ import math
 import os
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -432,42 +432,47 @@ def apply_filter_to_source(
     ) as engine:
         out_star.parent.mkdir(parents=True, exist_ok=True)
         if engine is None:
-            chunks = (
-                (start, filt(chunk, BatchContext(
-                    pixel_size=px,
-                    metadata=None if metadata is None
-                    else metadata.iloc[start : start + len(chunk)],
-                )))
-                for start, chunk in progress(
+            def fill(writer: Any) -> None:
+                chunks = progress(
                     src.chunks(int(chunk_size)),
                     total=math.ceil(src.n_images / int(chunk_size)),
                     desc=f"filter {label}",
                     unit="chunk",
                 )
-            )
+                for start, chunk in chunks:
+                    meta = None if metadata is None else metadata.iloc[start : start + len(chunk)]
+                    out = filt(chunk, BatchContext(pixel_size=px, metadata=meta))
+                    sums = out.sum(axis=(1, 2), dtype=np.float64)
+                    if not np.isfinite(sums).all():
+                        bad = start + int(np.argmax(~np.isfinite(sums))) + 1
+                        raise CryosiftError(
+                            f"filter '{label}' produced NaN/Inf values on image {bad}", src.path
+                        )
+                    writer.append(out)
+
             execution: dict[str, Any] = {"engine": "threads"}
         else:
-            chunks = engine.map_images(
-                SourceSpec.of(src),
-                task if task is not None else FilterOp.of(filt, label),
-                src.n_images,
-                src.box,
-                int(chunk_size),
-                out_star.parent,
-                desc=f"filter {label}",
-            )
+            def fill(writer: Any) -> None:  # the workers write the images, and check them
+                engine.write_images(
+                    SourceSpec.of(src),
+                    task if task is not None else FilterOp.of(filt, label),
+                    src.n_images,
+                    int(chunk_size),
+                    writer,
+                    desc=f"filter {label}",
+                )
+
             execution = engine.describe()
         _write_outputs(
-            src, chunks, label, filt, out_star, stack_path, json_path, parts, optics, px,
-            chunk_size, execution, t0,
+            src, fill, filt, out_star, stack_path, json_path, parts, optics, px, chunk_size,
+            execution, t0,
         )
     return out_star
 
 
 def _write_outputs(
     src: Any,
-    chunks: Any,
-    label: str,
+    fill: Callable[[Any], None],
     filt: Filter,
     out_star: Path,
     stack_path: Path,
@@ -479,7 +484,8 @@ def _write_outputs(
     execution: dict[str, Any],
     t0: float,
 ) -> None:
-    """Write the filtered chunks (in order), the STAR and the provenance; rename all into place."""
+    """Write the stack (``fill(writer)`` puts every filtered image into the
+    :class:`~cryosift.io.mrc.MrcsWriter`), the STAR and the provenance; rename all into place."""
     from cryosift.io.atomic import atomic_write_json, temp_path_for
     from cryosift.io.mrc import MrcsWriter
     from cryosift.io.star import write_star
@@ -489,14 +495,7 @@ def _write_outputs(
     placed: list[Path] = []
     try:
         with MrcsWriter(tmp_stack, src.n_images, src.box, px) as writer:
-            for start, out in chunks:
-                sums = out.sum(axis=(1, 2), dtype=np.float64)
-                if not np.isfinite(sums).all():
-                    bad = start + int(np.argmax(~np.isfinite(sums))) + 1
-                    raise CryosiftError(
-                        f"filter '{label}' produced NaN/Inf values on image {bad}", src.path
-                    )
-                writer.append(out)
+            fill(writer)
         write_star(tmp_star, parts, optics)
         record = provenance_record(
             "filter",
@@ -524,7 +523,3 @@ def _write_outputs(
         for p in (tmp_stack, tmp_star, tmp_json, *placed):
             p.unlink(missing_ok=True)
         raise
-    finally:
-        close = getattr(chunks, "close", None)
-        if close is not None:  # a generator: end the engine's tasks and staging now
-            close()

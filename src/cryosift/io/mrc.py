@@ -33,9 +33,11 @@ __all__ = [
     "SUPPORTED_MODES",
     "MrcInfo",
     "MrcsWriter",
+    "chunk_stats",
     "memmap_stack",
     "open_mrc_stack",
     "read_mrc_info",
+    "write_images_at",
     "write_mrcs",
 ]
 
@@ -252,6 +254,37 @@ def _label(mrc: mrcfile.mrcobject.MrcObject) -> None:
     mrc.header.nlabl = 1
 
 
+def chunk_stats(arr: np.ndarray) -> tuple[int, float, float, float, float]:
+    """(count, mean, sum of squared deviations, min, max) of a (k, box, box) float32 chunk,
+    merged by :class:`MrcsWriter` into the header's statistics (the file is never re-read)."""
+    k = arr.size
+    rows = arr.reshape(arr.shape[0], -1)
+    # per-image float32 sums (pairwise, exact enough for one image), totals in float64
+    c_mean = float(rows.sum(axis=1).sum(dtype=np.float64)) / k
+    dev = rows - np.float32(c_mean)
+    c_m2 = float(np.einsum("ij,ij->i", dev, dev).sum(dtype=np.float64))
+    return k, c_mean, c_m2, float(arr.min()), float(arr.max())
+
+
+def write_images_at(
+    path: str | Path, offset: int, start: int, chunk: np.ndarray
+) -> tuple[int, float, float, float, float]:
+    """Write a (k, box, box) chunk as images start..start+k-1 of an existing float32 MRC data
+    file whose images begin at byte ``offset`` (:attr:`MrcsWriter.data_file` /
+    :attr:`MrcsWriter.data_offset`); returns its :func:`chunk_stats`.
+
+    For a process other than the writer's (a Dask worker): a positioned write of the whole
+    chunk, so writing the same chunk again (a task re-run after a lost worker) leaves the same
+    bytes. An OSError (disk full) propagates.
+    """
+    arr = np.ascontiguousarray(chunk, dtype=np.float32)
+    box2 = arr.shape[-1] * arr.shape[-2]
+    with open(path, "r+b") as fh:
+        fh.seek(int(offset) + int(start) * box2 * 4)
+        fh.write(np.ascontiguousarray(arr, dtype="<f4").tobytes())
+    return chunk_stats(arr)
+
+
 class MrcsWriter:
     """Stream a large float32 image stack to disk chunk by chunk, with bounded memory.
 
@@ -345,21 +378,46 @@ class MrcsWriter:
         """Write ``chunk`` right after the previously written one."""
         self.write(self._next, chunk)
 
+    def record(self, start: int, stop: int, stats: tuple) -> None:
+        """Account for images start..stop-1 written into :attr:`data_file` by another process
+        (a Dask worker, :func:`write_images_at`), with their :func:`chunk_stats`."""
+        if self._mrc is None:
+            raise RuntimeError("MrcsWriter.record() outside its 'with' block")
+        start, stop = int(start), int(stop)
+        if start < 0 or stop > self.n or stop <= start:
+            raise ValueError(f"images {start}..{stop - 1} fall outside the stack of {self.n}")
+        if self._written[start:stop].any():
+            first = start + int(np.argmax(self._written[start:stop]))
+            raise ValueError(f"image {first} was already written; each image is written once")
+        self._written[start:stop] = True
+        self._next = stop
+        self._merge_stats(stats)
+
+    @property
+    def data_file(self) -> Path:
+        """The temporary file being written (renamed onto ``path`` when complete)."""
+        if self._tmp is None:
+            raise RuntimeError("MrcsWriter.data_file outside its 'with' block")
+        return self._tmp
+
+    @property
+    def data_offset(self) -> int:
+        """Byte offset of the first image in :attr:`data_file`."""
+        return self._offset
+
     def _update_stats(self, arr: np.ndarray) -> None:
-        """Merge the chunk's count/mean/M2/min/max into the running totals (float64)."""
-        k = arr.size
-        rows = arr.reshape(arr.shape[0], -1)
-        # per-image float32 sums (pairwise, exact enough for one image), totals in float64
-        c_mean = float(rows.sum(axis=1).sum(dtype=np.float64)) / k
-        dev = rows - np.float32(c_mean)
-        c_m2 = float(np.einsum("ij,ij->i", dev, dev).sum(dtype=np.float64))
+        self._merge_stats(chunk_stats(arr))
+
+    def _merge_stats(self, stats: tuple) -> None:
+        """Merge a chunk's count/mean/M2/min/max into the running totals (float64)."""
+        k, c_mean, c_m2, c_min, c_max = stats
         total = self._count + k
         delta = c_mean - self._mean
         self._m2 += c_m2 + delta * delta * self._count * k / total
         self._mean += delta * k / total
         self._count = total
-        self._min = min(self._min, float(arr.min()))
-        self._max = max(self._max, float(arr.max()))
+        self._min = min(self._min, c_min)
+        self._max = max(self._max, c_max)
 
     def __exit__(
         self,

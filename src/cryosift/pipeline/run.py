@@ -268,6 +268,8 @@ class _Runner:
             return None
         outputs = {"star": "denoise/denoised.star"}
         params: dict[str, Any] = {"method": method}
+        if cfg.denoise_tta:  # only when set, so the stage hashes of earlier runs still match
+            params["tta"] = True
         if method in DENOISE_TRAINED:
             outputs["model"] = "denoise/model/model.pt"
             params.update(epochs=cfg.denoise_epochs, steps_per_epoch=cfg.denoise_steps_per_epoch,
@@ -283,7 +285,7 @@ class _Runner:
                                                          extra["resume"])
                 model_ref = model_dir
             denoise_source(model_ref, images, self.out / outputs["star"], self.device,
-                           cfg.chunk_size)
+                           cfg.chunk_size, tta=cfg.denoise_tta)
 
         inputs = _files_read(images) + _files_read(pairs)
         if method not in DENOISE_TRAINED:
