@@ -30,6 +30,7 @@ from torch.nn import functional as F
 from cryosift.denoise.model_io import load_checkpoint, save_checkpoint, save_model
 from cryosift.denoise.networks import UNet, UNetConfig
 from cryosift.errors import CryosiftError
+from cryosift.malloc import keep_freed_memory
 from cryosift.progress import progress
 
 log = logging.getLogger("cryosift")
@@ -157,6 +158,7 @@ def train_denoiser(
     training.json (parameters, per-epoch history, best epoch, timing).
     """
     cfg.validate()
+    keep_freed_memory()  # every step's activations and gradients reuse the heap (malloc.py)
     device = torch.device(device)
     if cfg.method == "n2n":
         if images_b is None:
