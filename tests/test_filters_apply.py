@@ -211,6 +211,22 @@ def test_failures_leave_nothing_behind(dataset, tmp_path, monkeypatch):
         )
     assert _files(out_dir) == ["f.star"]
 
+    class NaNOnImage6(FilterChain):
+        calls = 0
+
+        def apply(self, images, ctx):
+            type(self).calls += 1
+            out = images.copy()
+            if type(self).calls == 2:  # the second chunk of 4: images 5-8
+                out[1, 0, 0] = np.nan
+            return out
+
+    with pytest.raises(CryosiftError, match="NaN/Inf values on image 6"):
+        apply_filter_to_source(
+            dataset, NaNOnImage6([make_filter("invert")]), out_dir / "h.star", chunk_size=4
+        )
+    assert _files(out_dir) == ["f.star"]
+
 
 def test_refuses_to_overwrite_inputs(dataset):
     with pytest.raises(CryosiftError, match="overwrite the input"):

@@ -61,6 +61,7 @@ __all__ = [
     "FilterOp",
     "ScreenOp",
     "SourceSpec",
+    "check_finite",
     "check_scheduler",
     "default_workers",
     "open_engine",
@@ -316,7 +317,7 @@ class FilterOp(_Op):
         def run(images: np.ndarray, start: int, stop: int) -> np.ndarray:
             meta = None if metadata is None else metadata.iloc[start:stop]
             out = filt(images, BatchContext(pixel_size=px, metadata=meta))
-            _check_finite(out, start, label, src.path)
+            check_finite(out, start, label, src.path)
             return out
 
         return run
@@ -347,7 +348,7 @@ class DenoiseOp(_Op):
 
         def run(images: np.ndarray, start: int, stop: int) -> np.ndarray:
             out = filt(images, BatchContext(pixel_size=px))
-            _check_finite(out, start, "denoise", src.path)
+            check_finite(out, start, "denoise", src.path)
             return out
 
         return run
@@ -407,7 +408,8 @@ def _mtime(path: str) -> int:
         return 0
 
 
-def _check_finite(out: np.ndarray, start: int, label: str, where: Any) -> None:
+def check_finite(out: np.ndarray, start: int, label: str, where: Any) -> None:
+    """CryosiftError naming the first image (1-based) of a chunk with NaN/Inf output."""
     sums = np.asarray(out).sum(axis=(1, 2), dtype=np.float64)
     if not np.isfinite(sums).all():
         bad = start + int(np.argmax(~np.isfinite(sums))) + 1

@@ -391,7 +391,7 @@ def apply_filter_to_source(
     the filter cannot run (CTF filters without CTF columns, cutoffs beyond Nyquist, no pixel
     size, output that would overwrite an input); on any failure nothing is left behind.
     """
-    from cryosift.engine import FilterOp, SourceSpec, open_engine
+    from cryosift.engine import FilterOp, SourceSpec, check_finite, open_engine
     from cryosift.io.source import open_source
     from cryosift.progress import progress
 
@@ -442,12 +442,7 @@ def apply_filter_to_source(
                 for start, chunk in chunks:
                     meta = None if metadata is None else metadata.iloc[start : start + len(chunk)]
                     out = filt(chunk, BatchContext(pixel_size=px, metadata=meta))
-                    sums = out.sum(axis=(1, 2), dtype=np.float64)
-                    if not np.isfinite(sums).all():
-                        bad = start + int(np.argmax(~np.isfinite(sums))) + 1
-                        raise CryosiftError(
-                            f"filter '{label}' produced NaN/Inf values on image {bad}", src.path
-                        )
+                    check_finite(out, start, label, src.path)
                     writer.append(out)
 
             execution: dict[str, Any] = {"engine": "threads"}
