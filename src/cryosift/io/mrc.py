@@ -277,12 +277,16 @@ def write_images_at(
     chunk, so writing the same chunk again (a task re-run after a lost worker) leaves the same
     bytes. An OSError (disk full) propagates.
     """
-    arr = np.ascontiguousarray(chunk, dtype=np.float32)
-    box2 = arr.shape[-1] * arr.shape[-2]
+    arr = np.asarray(chunk, dtype=np.float32)
     with open(path, "r+b") as fh:
-        fh.seek(int(offset) + int(start) * box2 * 4)
-        fh.write(np.ascontiguousarray(arr, dtype="<f4").tobytes())
+        _put_images(fh, offset, start, arr)
     return chunk_stats(arr)
+
+
+def _put_images(fh: BinaryIO, offset: int, start: int, arr: np.ndarray) -> None:
+    """One positioned write of a (k, box, box) float32 chunk as images start.. of a stack."""
+    fh.seek(int(offset) + int(start) * arr.shape[-1] * arr.shape[-2] * 4)
+    fh.write(np.ascontiguousarray(arr, dtype="<f4").tobytes())
 
 
 class MrcsWriter:
@@ -357,22 +361,15 @@ class MrcsWriter:
             raise ValueError(f"chunk shape {arr.shape} is not (k, {self.box}, {self.box})")
         start = int(start)
         stop = start + arr.shape[0]
-        if start < 0 or stop > self.n:
-            raise ValueError(f"images {start}..{stop - 1} fall outside the stack of {self.n}")
+        self._check_free(start, stop)
         if arr.shape[0] == 0:
             return
-        if self._written[start:stop].any():
-            first = start + int(np.argmax(self._written[start:stop]))
-            raise ValueError(f"image {first} was already written; each image is written once")
         arr = np.asarray(arr, dtype=np.float32)
         try:
-            self._mrc.seek(self._offset + start * self.box * self.box * 4)
-            self._mrc.write(np.ascontiguousarray(arr, dtype="<f4").tobytes())
+            _put_images(self._mrc, self._offset, start, arr)
         except OSError as err:  # disk full: the caller's exit aborts; nothing is saved
             raise output_error(err, self.path) from err
-        self._written[start:stop] = True
-        self._next = stop
-        self._update_stats(arr)
+        self._mark(start, stop, chunk_stats(arr))
 
     def append(self, chunk: np.ndarray) -> None:
         """Write ``chunk`` right after the previously written one."""
@@ -384,11 +381,21 @@ class MrcsWriter:
         if self._mrc is None:
             raise RuntimeError("MrcsWriter.record() outside its 'with' block")
         start, stop = int(start), int(stop)
-        if start < 0 or stop > self.n or stop <= start:
+        if stop <= start:
+            raise ValueError(f"images {start}..{stop - 1}: an empty or reversed range")
+        self._check_free(start, stop)
+        self._mark(start, stop, stats)
+
+    def _check_free(self, start: int, stop: int) -> None:
+        """Refuse images start..stop-1 outside the stack or already written."""
+        if start < 0 or stop > self.n:
             raise ValueError(f"images {start}..{stop - 1} fall outside the stack of {self.n}")
         if self._written[start:stop].any():
             first = start + int(np.argmax(self._written[start:stop]))
             raise ValueError(f"image {first} was already written; each image is written once")
+
+    def _mark(self, start: int, stop: int, stats: tuple) -> None:
+        """Images start..stop-1 are in the file: mark them and merge their statistics."""
         self._written[start:stop] = True
         self._next = stop
         self._merge_stats(stats)
@@ -404,9 +411,6 @@ class MrcsWriter:
     def data_offset(self) -> int:
         """Byte offset of the first image in :attr:`data_file`."""
         return self._offset
-
-    def _update_stats(self, arr: np.ndarray) -> None:
-        self._merge_stats(chunk_stats(arr))
 
     def _merge_stats(self, stats: tuple) -> None:
         """Merge a chunk's count/mean/M2/min/max into the running totals (float64)."""
