@@ -14,7 +14,14 @@ import torch
 from cryosift.denoise.apply import denoise_array, dihedral_average
 from cryosift.denoise.model_io import load_model, save_model
 from cryosift.denoise.networks import UNet, UNetConfig
-from cryosift.denoise.training import TrainConfig, n2v_mask, train_denoiser
+from cryosift.denoise.training import (
+    TrainConfig,
+    WeightAverage,
+    _loss,
+    _swap_pairs,
+    n2v_mask,
+    train_denoiser,
+)
 from cryosift.errors import CryosiftError, InputError
 from cryosift.io import open_source
 from cryosift.metrics import psnr
@@ -97,21 +104,80 @@ def test_training_raises_psnr_and_writes_a_loadable_model(pairs, tmp_path, metho
     assert saved["train_config"]["method"] == method
 
 
-def test_resume_continues_to_the_same_result(pairs, tmp_path):
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_resume_continues_to_the_same_result(pairs, tmp_path, ema):
     a, b, _ = _stacks(pairs)
-    full = TrainConfig(method="n2n", **{**TINY, "epochs": 4})
+    opts = {**TINY, "ema": ema}
+    full = TrainConfig(method="n2n", **{**opts, "epochs": 4})
     train_denoiser(a, tmp_path / "full", full, images_b=b)
     # train 2 epochs, then resume with a 4-epoch budget: the same run as 4 epochs at once
     part = tmp_path / "part"
-    train_denoiser(a, part, TrainConfig(method="n2n", **{**TINY, "epochs": 2}), images_b=b)
-    other = TrainConfig(method="n2n", **{**TINY, "epochs": 4, "lr": 5e-4})
+    train_denoiser(a, part, TrainConfig(method="n2n", **{**opts, "epochs": 2}), images_b=b)
+    other = TrainConfig(method="n2n", **{**opts, "epochs": 4, "lr": 5e-4})
     with pytest.raises(CryosiftError, match="other parameters"):
         train_denoiser(a, part, other, images_b=b, resume=True)
     train_denoiser(a, part, full, images_b=b, resume=True)
-    w_full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["model"]
-    w_part = torch.load(part / "checkpoint.pt", weights_only=True)["model"]
-    for k in w_full:
-        torch.testing.assert_close(w_part[k], w_full[k], rtol=1e-5, atol=1e-6)
+    ck_full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
+    ck_part = torch.load(part / "checkpoint.pt", weights_only=True)
+    for k in ck_full["model"]:
+        torch.testing.assert_close(ck_part["model"][k], ck_full["model"][k], rtol=1e-5, atol=1e-6)
+    # the saved model is the same too (with ema: the averaged weights, which the resumed run
+    # must have carried on from the checkpoint rather than restarted)
+    m_full, _ = load_model(tmp_path / "full")
+    m_part, _ = load_model(part)
+    for p, q in zip(m_part.parameters(), m_full.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    if ema:
+        live = dict(UNet(UNetConfig(TINY["depth"], TINY["width"])).named_parameters())
+        saved = dict(m_full.named_parameters())
+        assert any(not torch.allclose(saved[k], ck_full["model"][k]) for k in live)
+
+
+def test_weight_average_follows_the_weights_and_swaps_back():
+    net = torch.nn.Linear(3, 1)
+    avg = WeightAverage(net, decay=0.5)
+    start = [p.detach().clone() for p in net.parameters()]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    for _ in range(40):  # constant weights: the average converges to them geometrically
+        avg.update()
+    avg.swap()
+    for p, s in zip(net.parameters(), start, strict=True):
+        torch.testing.assert_close(p, s + 1.0, rtol=0, atol=1e-6)
+    avg.swap()
+    avg.swap()
+    avg.swap()  # an even number of swaps more: back to the live weights
+    for p, s in zip(net.parameters(), start, strict=True):
+        torch.testing.assert_close(p, s + 1.0, rtol=0, atol=1e-6)
+    state = avg.state_dict()
+    other = WeightAverage(torch.nn.Linear(3, 1), decay=0.5)
+    other.load_state_dict(state)
+    assert other.steps == 40
+    with pytest.raises(ValueError):
+        WeightAverage(torch.nn.Linear(3, 2, bias=False), 0.5).load_state_dict(
+            {"steps": 1, "shadow": []})
+
+
+@pytest.mark.parametrize("method", ["n2n", "n2v"])
+def test_per_image_weight_makes_the_loss_blind_to_each_images_scale(method):
+    """The U-Net is scale-equivariant, so scaling one image of a pair (input and target) by c
+    scales its squared error by c^2; weighted by 1 / input variance, the loss does not move,
+    so a loud (low-SNR or high-dose) image cannot rule a mixed training set."""
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(depth=3, width=4)).eval()
+    a, b = torch.randn(4, 1, 32, 32), torch.randn(4, 1, 32, 32)
+    scale = torch.tensor([1.0, 10.0, 0.1, 3.0])[:, None, None, None]
+
+    def loss(cfg, x, y):
+        with torch.no_grad():
+            batch = [x, y] if method == "n2n" else [x]
+            return float(_loss(net, cfg, batch, torch.Generator().manual_seed(1), "cpu"))
+
+    weighted = TrainConfig(method=method, per_image_weight=True)
+    plain = TrainConfig(method=method)
+    assert loss(weighted, a * scale, b * scale) == pytest.approx(loss(weighted, a, b), rel=1e-4)
+    assert loss(plain, a * scale, b * scale) > 5 * loss(plain, a, b)
 
 
 def test_model_files_are_loaded_safely(tmp_path):
@@ -180,3 +246,13 @@ def test_cli_refuses_bad_requests(pairs, tmp_path, capsys):
     assert not out.exists() and not out.with_suffix(".mrcs").exists()
     assert run_cli(["denoise", "apply", star, "--model", str(tmp_path / "nope"), "-o",
                     str(out)]) == 2
+
+
+def test_swap_pairs_trains_in_both_directions_and_keeps_each_pair_together():
+    a = torch.arange(64.0).reshape(64, 1, 1, 1)
+    b = -a
+    x, y = _swap_pairs([a, b], torch.Generator().manual_seed(0))
+    assert torch.equal(x, -y)  # input and target still come from the same pair
+    swapped = (x < 0).flatten()
+    assert 16 < int(swapped.sum()) < 48  # about half each way (binomial sd 4)
+    assert torch.equal(x[~swapped], a[~swapped]) and torch.equal(x[swapped], b[swapped])

@@ -53,6 +53,19 @@ class TrainConfig:
     seed: int = 0
     depth: int = 4
     width: int = 16
+    # weight each image's loss by 1 / (variance of its noisy input): every image counts alike
+    # whatever its SNR and scale (for training sets that mix SNRs, like the general model's)
+    per_image_weight: bool = False
+    # exponential moving average of the weights (Polyak averaging); 0 = off. Validation and
+    # model.pt use the averaged weights, which smooth out the gradient noise of noisy targets.
+    ema: float = 0.0
+    # N2N: each training pair is used in either direction (a -> b or b -> a, at random per
+    # image), so the network sees both noise realisations as inputs: twice the training inputs
+    swap_pairs: bool = True
+    # learning rate: "plateau" halves it after 2 epochs without validation progress; "cosine"
+    # decays it to 0 over all epochs x steps, so the last steps average out the gradient noise
+    # (no reliance on a validation loss that, at SNR 0.01, is itself noisy to ~5%)
+    schedule: str = "plateau"
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -66,6 +79,10 @@ class TrainConfig:
             raise CryosiftError("--n2v-replace must be uniform or median")
         if not 0 < self.mask_fraction < 0.5:
             raise CryosiftError("--mask-fraction must lie in (0, 0.5)")
+        if self.schedule not in ("plateau", "cosine"):
+            raise CryosiftError("--schedule must be plateau or cosine")
+        if not 0 <= self.ema < 1:
+            raise CryosiftError("--ema must lie in [0, 1)")
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -95,6 +112,14 @@ def _crops(
         gen.set_state(state)  # identical augmentation for every stack of the pair
         out.append(_augment(t, gen)[:, None])
     return out
+
+
+def _swap_pairs(batch: list[torch.Tensor], gen: torch.Generator) -> list[torch.Tensor]:
+    """Exchange input and target of a random half of the pairs: both are noisy copies of the
+    same image with independent noise, so b -> a is as valid a Noise2Noise pair as a -> b."""
+    a, b = batch
+    flip = (torch.rand(len(a), generator=gen) < 0.5)[:, None, None, None]
+    return [torch.where(flip, b, a), torch.where(flip, a, b)]
 
 
 def _reflect(i: torch.Tensor, n: int) -> torch.Tensor:
@@ -132,14 +157,65 @@ def n2v_mask(
 def _loss(
     model, cfg: TrainConfig, batch: list[torch.Tensor], gen: torch.Generator, device: torch.device
 ) -> torch.Tensor:
+    """The method's loss on a batch, averaged per image first (weighted by 1 / variance of the
+    noisy input with ``per_image_weight``).
+
+    The weight depends only on the input, whose noise is independent of the target's, so for
+    Noise2Noise the minimiser stays E[clean | input] pixel by pixel (Lehtinen et al. 2018's
+    argument holds for any input-dependent weight); for Noise2Void, the variance of a whole
+    crop barely depends on the 2% of pixels that are masked."""
+    x = batch[0].to(device)
     if cfg.method == "n2n":
-        a, b = (t.to(device) for t in batch)
-        return F.mse_loss(model(a), b)
-    x = batch[0]
-    inp, mask = n2v_mask(x, cfg.mask_fraction, cfg.n2v_replace, gen)
-    out = model(inp.to(device))
-    mask = mask.to(device)
-    return ((out - x.to(device)) ** 2)[mask].mean()
+        err = (model(x) - batch[1].to(device)) ** 2
+        per_image = err.mean(dim=(1, 2, 3))
+    else:
+        inp, mask = n2v_mask(batch[0], cfg.mask_fraction, cfg.n2v_replace, gen)
+        mask = mask.to(device).float()
+        err = (model(inp.to(device)) - x) ** 2 * mask
+        per_image = err.sum(dim=(1, 2, 3)) / mask.sum(dim=(1, 2, 3)).clamp_min(1)
+    if cfg.per_image_weight:
+        # i.e. the loss in units of each input's own standard deviation (~1 for noisy images)
+        return (per_image / x.float().var(dim=(1, 2, 3)).clamp_min(1e-12)).mean()
+    if cfg.method == "n2v":  # every masked pixel counts alike (as before weights existed)
+        return err.sum() / mask.sum().clamp_min(1)
+    return per_image.mean()
+
+
+class WeightAverage:
+    """Exponential moving average of a model's parameters (Polyak averaging).
+
+    The decay ramps up as min(decay, (1 + t) / (10 + t)) so the early average is not dominated
+    by the random initial weights. ``swap()`` exchanges the live and averaged weights (for
+    validation and saving), and swapping again restores training.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        self.model, self.decay, self.steps = model, decay, 0
+        self.shadow = [p.detach().clone() for p in model.parameters()]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.steps += 1
+        d = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        for s, p in zip(self.shadow, self.model.parameters(), strict=True):
+            s.lerp_(p.detach(), 1 - d)
+
+    @torch.no_grad()
+    def swap(self) -> None:
+        for s, p in zip(self.shadow, self.model.parameters(), strict=True):
+            tmp = p.detach().clone()
+            p.copy_(s)
+            s.copy_(tmp)
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "shadow": [s.clone() for s in self.shadow]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = int(state["steps"])
+        if len(state["shadow"]) != len(self.shadow):
+            raise ValueError("weight average does not match the model")
+        for s, t in zip(self.shadow, state["shadow"], strict=True):
+            s.copy_(t)
 
 
 def train_denoiser(
@@ -178,8 +254,16 @@ def train_denoiser(
     torch.manual_seed(cfg.seed)
     model = UNet(UNetConfig(depth=cfg.depth, width=cfg.width)).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=2)
+    steps = cfg.steps_per_epoch or max(1, len(train_idx) // cfg.batch_size)
+    if cfg.schedule == "cosine":
+        total_steps = cfg.epochs * steps
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total_steps) / total_steps))
+        )
+    else:
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=2)
     gen = torch.Generator().manual_seed(cfg.seed)
+    average = WeightAverage(model, cfg.ema) if cfg.ema > 0 else None
     start_epoch, history, best = 0, [], (math.inf, -1)
     ckpt_path = model_dir / "checkpoint.pt"
     if resume:
@@ -199,6 +283,8 @@ def train_denoiser(
             model.load_state_dict(ck["model"])
             opt.load_state_dict(ck["optimizer"])
             sched.load_state_dict(ck["scheduler"])
+            if average is not None:
+                average.load_state_dict(ck["weight_average"])
             gen.set_state(ck["generator"])
             torch.set_rng_state(ck["torch_rng"])
             start_epoch, history = int(ck["epoch"]) + 1, list(ck["history"])
@@ -208,7 +294,6 @@ def train_denoiser(
             raise CryosiftError(f"--resume: corrupt checkpoint ({detail})", ckpt_path) from exc
         log.info("resuming from epoch %d", start_epoch)
 
-    steps = cfg.steps_per_epoch or max(1, len(train_idx) // cfg.batch_size)
     autocast = device.type == "cuda"
     t0 = time.time()
     val_gen_seed = cfg.seed + 1_000_003
@@ -223,14 +308,23 @@ def train_denoiser(
                 torch.randint(0, len(train_idx), (cfg.batch_size,), generator=gen).numpy()
             ]
             batch = _crops(stacks, np.sort(pick), cfg.crop, gen)
+            if cfg.method == "n2n" and cfg.swap_pairs:
+                batch = _swap_pairs(batch, gen)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 loss = _loss(model, cfg, batch, gen, device)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if average is not None:
+                average.update()
+            if cfg.schedule == "cosine":
+                sched.step()
             total += float(loss.detach())
+        if average is not None:
+            average.swap()  # validate and save the averaged weights
         val = validation_loss(model, cfg, stacks, val_idx, device, val_gen_seed)
-        sched.step(val)
+        if cfg.schedule == "plateau":
+            sched.step(val)
         history.append(
             {
                 "epoch": epoch,
@@ -244,6 +338,8 @@ def train_denoiser(
         if val < best[0]:
             best = (val, epoch)
             save_model(model_dir / "model.pt", model, _meta(cfg, pixel_size, images.shape[-1]))
+        if average is not None:
+            average.swap()  # back to the live weights, which the optimiser state belongs to
         save_checkpoint(
             ckpt_path,
             {
@@ -257,6 +353,7 @@ def train_denoiser(
                 "best_val": best[0],
                 "best_epoch": best[1],
                 "train_config": asdict(cfg),
+                **({"weight_average": average.state_dict()} if average is not None else {}),
             },
         )
     summary = {
