@@ -210,8 +210,13 @@ def test_cli_train_and_apply_keep_pixel_size(pairs, tmp_path, capsys):
     model = tmp_path / "model"
     code = run_cli(["-q", "denoise", "train", str(pairs / "particles.star"), "--method", "n2v",
                     "-o", str(model), "--epochs", "2", "--crop", "32", "--depth", "3",
-                    "--width", "4", "--batch-size", "16", "--device", "cpu"])
+                    "--width", "4", "--batch-size", "16", "--device", "cpu",
+                    "--schedule", "cosine", "--ema", "0.9"])
     assert code == 0, capsys.readouterr().err
+    record = json.loads((model / "training.json").read_text())
+    assert record["train_config"]["schedule"] == "cosine"
+    assert record["train_config"]["ema"] == 0.9
+    assert record["history"][-1]["lr"] < 1e-6  # decayed to 0 by the end of the last epoch
     out = tmp_path / "den.star"
     code = run_cli(["-q", "denoise", "apply", str(pairs / "particles.star"), "--model", str(model),
                     "-o", str(out), "--device", "cpu"])
@@ -234,6 +239,9 @@ def test_cli_refuses_bad_requests(pairs, tmp_path, capsys):
     star = str(pairs / "particles.star")
     assert run_cli(["denoise", "train", star, "--method", "n2n", "-o", str(tmp_path / "a")]) == 2
     assert "--pairs" in capsys.readouterr().err
+    assert run_cli(["denoise", "train", star, "--method", "n2v", "--ema", "1.5", "-o",
+                    str(tmp_path / "e")]) == 2
+    assert "--ema" in capsys.readouterr().err and not (tmp_path / "e").exists()
     # a model trained at 6 Å/px refuses images at 2 Å/px
     net = UNet(UNetConfig(depth=3, width=4))
     save_model(tmp_path / "m.pt", net, {"architecture": {"depth": 3, "width": 4},

@@ -67,6 +67,19 @@ def command() -> None:
     help="N2V pixel replacement (median = N2V2).",
 )
 @click.option(
+    "--schedule",
+    type=click.Choice(["plateau", "cosine"]),
+    default="plateau",
+    show_default=True,
+    help="Learning rate: halve on a validation plateau, or cosine decay to 0 over all epochs.",
+)
+@click.option(
+    "--ema",
+    default=0.0,
+    show_default=True,
+    help="Average the weights (exponential moving average with this decay, e.g. 0.99; 0 = off).",
+)
+@click.option(
     "--max-images",
     default=20000,
     show_default=True,
@@ -122,6 +135,8 @@ def train(
         val_fraction=opts["val_fraction"],
         patience=opts["patience"],
         n2v_replace=opts["n2v_replace"],
+        schedule=opts["schedule"],
+        ema=opts["ema"],
         seed=opts["seed"],
     )
     cfg.validate()
