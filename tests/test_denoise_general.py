@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cryosift.denoise.general import GENERAL_CONFIGS, GeneralRecipe
+from cryosift.denoise.general import GENERAL_CONFIGS, GeneralRecipe, random_crops
 from cryosift.denoise.model_io import load_model, resolve_model_path
 from cryosift.io import open_source, write_mrcs
 from cryosift.metrics import psnr
@@ -61,3 +61,17 @@ def test_general_model_refuses_a_sampling_it_was_not_trained_for(groel, tmp_path
     err = capsys.readouterr().err
     assert code == 2 and "Å/px" in err and err.count("\n") == 1
     assert not out.exists() and not out.with_suffix(".mrcs").exists()
+
+
+def test_training_crops_keep_pairs_aligned_and_cover_the_whole_box():
+    """The general model's data: one crop per image at a random position, the same in both
+    noise realisations (else Noise2Noise would learn to blur away the misalignment)."""
+    n, box, size = 400, 32, 16
+    a = np.arange(n * box * box, dtype=np.float32).reshape(n, box, box)
+    ca, cb = random_crops((a, -a), size, np.random.default_rng(0))
+    assert ca.shape == (n, size, size) and np.array_equal(cb, -ca)
+    starts = (ca[:, 0, 0] - np.arange(n) * box * box).astype(int)  # row * box + col of corner
+    rows, cols = starts // box, starts % box
+    assert rows.min() == 0 and cols.min() == 0  # every offset 0..16 occurs in 400 draws
+    assert rows.max() == box - size and cols.max() == box - size
+    assert np.array_equal(np.diff(ca, axis=2), np.ones((n, size, size - 1)))  # contiguous crops
