@@ -54,7 +54,7 @@ class GeneralRecipe:
     never showed a particle's edge or the background at 1.5-2 Å/px), every image's loss
     weighted by 1 / its input variance (v1's loss, in the images' own units, was ruled by the
     noise of the SNR-0.01 images: its validation moved by 0.2% in all), weight averaging, and
-    15,000 steps instead of v1's 1,700.
+    up to 15,000 steps instead of v1's 1,700 (the shipped one stopped early after 14,000).
     """
 
     configs: tuple[tuple[str, float, int], ...] = GENERAL_CONFIGS
