@@ -326,14 +326,17 @@ class FilterOp(_Op):
 @dataclass(frozen=True)
 class DenoiseOp(_Op):
     """A saved denoiser (absolute model path) applied as a NetworkFilter on ``device``
-    (``tta``: averaged over the 8 rotations and flips)."""
+    (``tta``: averaged over the 8 rotations and flips; ``snr``: the stack's, for a
+    conditioned model, estimated once before the chunks are sent out)."""
 
     model_path: str
     device: str = "cpu"
     tta: bool = False
+    snr: float | None = None  # the stack's SNR, for a conditioned model
 
     def key(self) -> tuple:
-        return ("denoise", self.model_path, _mtime(self.model_path), self.device, self.tta)
+        return ("denoise", self.model_path, _mtime(self.model_path), self.device, self.tta,
+                self.snr)
 
     def build(self, src: Any) -> ChunkFn:
         import torch
@@ -343,7 +346,7 @@ class DenoiseOp(_Op):
         from cryosift.filters.base import BatchContext
 
         model, meta = load_model(self.model_path, self.device)
-        filt = NetworkFilter(model, meta, torch.device(self.device), tta=self.tta)
+        filt = NetworkFilter(model, meta, torch.device(self.device), tta=self.tta, snr=self.snr)
         px = src.pixel_size
 
         def run(images: np.ndarray, start: int, stop: int) -> np.ndarray:

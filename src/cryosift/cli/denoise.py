@@ -23,6 +23,7 @@ def command() -> None:
       cryosift denoise train even.star --pairs odd.star --method n2n -o n2n_model
       cryosift denoise apply particles.star --model n2v_model -o denoised.star
       cryosift denoise apply particles.star --model general -o denoised.star
+      cryosift denoise train particles.star --method n2v --init general -o tuned_model
       cryosift denoise pretrain-cdae trpv1.pdb -o cdae_pre --box 64 --pixel-size 3
       cryosift denoise train particles.star --method cdae --pretrained cdae_pre -o cdae_model
     """
@@ -86,6 +87,13 @@ def command() -> None:
     help="Train on at most this many images (a random subset of a larger stack).",
 )
 @click.option(
+    "--init",
+    default="",
+    help="n2n/n2v: start from this model's weights and architecture (a model folder, .pt "
+    "file or shipped name such as general) and fine-tune it on the stack; --depth and "
+    "--width are then the model's.",
+)
+@click.option(
     "--pretrained",
     help="cdae: pre-trained cascade (folder/file from pretrain-cdae, or a shipped model name).",
 )
@@ -122,6 +130,8 @@ def train(
             raise CryosiftError("--resume is for n2n/n2v (CDAE fine-tuning is minutes long)")
     elif pretrained is not None:
         raise CryosiftError("--pretrained is for --method cdae")
+    if method == "cdae" and opts["init"]:
+        raise CryosiftError("--init is for n2n/n2v (a cascade starts from --pretrained)")
     if opts["epochs"] is None:
         opts["epochs"] = 5 if method == "cdae" else 30
     cfg = TrainConfig(
@@ -138,6 +148,7 @@ def train(
         schedule=opts["schedule"],
         ema=opts["ema"],
         seed=opts["seed"],
+        init=opts["init"],
     )
     cfg.validate()
     if method == "n2n" and pairs is None:
@@ -210,10 +221,15 @@ def train(
     help="Average the output over the 8 rotations by 90 degrees and flips of each image: "
     "better at low SNR, 8x the compute.",
 )
+@click.option(
+    "--snr", type=float, default=None,
+    help="The stack's SNR, for a model conditioned on it (the general model) [default: "
+    "estimated from the noise in the image corners of up to 2,000 images].",
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
 @engine_options
-def apply(stack: Path, model_ref: str, out_star: Path, chunk_size: int, tta: bool, device: str,
-          scheduler: str, workers: int | None) -> None:
+def apply(stack: Path, model_ref: str, out_star: Path, chunk_size: int, tta: bool,
+          snr: float | None, device: str, scheduler: str, workers: int | None) -> None:
     """Denoise a stack of any size in chunks; pixel size and STAR metadata are kept."""
     from cryosift.denoise.apply import denoise_source
     from cryosift.device import select_device
@@ -222,7 +238,7 @@ def apply(stack: Path, model_ref: str, out_star: Path, chunk_size: int, tta: boo
     check_scheduler(scheduler)
     out = denoise_source(
         model_ref, stack, out_star, device=select_device(device), chunk_size=chunk_size,
-        scheduler=scheduler, workers=workers, tta=tta,
+        scheduler=scheduler, workers=workers, tta=tta, snr=snr,
     )
     log.info("wrote %s", out)
 

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+import math
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from cryosift.denoise.networks import snr_condition
 from cryosift.errors import CryosiftError
 from cryosift.filters.base import BatchContext, Filter
 from cryosift.filters.parallel import in_worker, run_on_threads, single_threaded_torch
 from cryosift.malloc import keep_freed_memory
+
+log = logging.getLogger("cryosift")
 
 # A model applied at another sampling sees features of another size in pixels: refuse factors
 # beyond this (resample the stack first, or train on it).
@@ -36,13 +42,21 @@ class NetworkFilter(Filter):
         device: torch.device,
         batch: int | None = None,
         tta: bool = False,
+        snr: float | None = None,
     ) -> None:
         """``batch``: images per forward pass; default :data:`BATCH_PIXELS` pixels' worth (16
         images of 64 px, 4 of 128 px), which bounds the activations' memory. ``tta``: average
         the network's output over the 8 rotations and flips of each image
-        (:func:`dihedral_average`; 8x the compute)."""
+        (:func:`dihedral_average`; 8x the compute). ``snr``: the stack's SNR, which a
+        conditioned model (the general one) needs (:func:`stack_snr` estimates it)."""
         self.model, self.meta, self.device, self.batch = model, meta, device, batch
         self.tta = bool(tta)
+        self.snr = snr
+        self.net = model
+        if is_conditioned(model):
+            if snr is None:
+                raise CryosiftError("this model is conditioned on the stack's SNR: give it one")
+            self.net = partial(model, condition=snr_condition(snr))
         keep_freed_memory()
 
     def batch_size(self, box: int) -> int:
@@ -51,7 +65,8 @@ class NetworkFilter(Filter):
         return max(1, min(64, BATCH_PIXELS // (int(box) * int(box))))
 
     def params(self) -> dict[str, Any]:
-        return {"model": self.meta, "device": str(self.device), "tta": self.tta}
+        return {"model": self.meta, "device": str(self.device), "tta": self.tta,
+                **({"snr": self.snr} if self.snr is not None else {})}
 
     def check(self, pixel_size: float | None, box: int) -> None:
         span = self.meta.get("pixel_size_range")  # models trained across pixel sizes
@@ -90,7 +105,7 @@ class NetworkFilter(Filter):
             with torch.no_grad():  # grad mode is per thread
                 x = torch.from_numpy(images[start : start + batch])[:, None]
                 x = x.to(self.device)
-                y = dihedral_average(self.model, x) if self.tta else self.model(x)
+                y = dihedral_average(self.net, x) if self.tta else self.net(x)
                 out[start : start + batch] = y[:, 0].float().cpu().numpy()
 
         if self.device.type != "cpu":
@@ -125,17 +140,42 @@ def dihedral_average(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return total / 8
 
 
+def is_conditioned(model: Any) -> bool:
+    """Whether a network takes the stack's SNR as a condition (the general model)."""
+    return int(getattr(getattr(model, "config", None), "conditions", 0) or 0) > 0
+
+
+def stack_snr(model: Any, source: Any, snr: float | None = None) -> float | None:
+    """The SNR to condition ``model`` on: ``snr`` if given, else estimated from the stack
+    (:func:`cryosift.denoise.cwf.estimate_snr`) for a conditioned model, else None."""
+    if snr is not None:
+        if not (math.isfinite(snr) and snr > 0):
+            raise CryosiftError(f"--snr must be a positive number, got {snr}")
+        return float(snr)
+    if not is_conditioned(model):
+        return None
+    from cryosift.denoise.cwf import estimate_snr
+
+    est = estimate_snr(source)
+    log.info("estimated SNR of the stack: %.4g (from the corners' noise level)", est)
+    return est
+
+
 def denoise_array(
     model: torch.nn.Module,
     images: np.ndarray,
     device: torch.device | str = "cpu",
     batch: int | None = None,
     tta: bool = False,
+    snr: float | None = None,
 ) -> np.ndarray:
     """Denoise an in-memory stack (N, box, box) -> float32 array of the same shape (``tta``:
-    average over the 8 rotations and flips, :func:`dihedral_average`)."""
-    filt = NetworkFilter(model, {}, torch.device(device), batch, tta=tta)
-    return filt(np.asarray(images, dtype=np.float32), BatchContext(pixel_size=None))
+    average over the 8 rotations and flips, :func:`dihedral_average`; ``snr``: for a
+    conditioned model, the stack's SNR, estimated from the images when not given)."""
+    images = np.asarray(images, dtype=np.float32)
+    snr = stack_snr(model, images, snr)
+    filt = NetworkFilter(model, {}, torch.device(device), batch, tta=tta, snr=snr)
+    return filt(images, BatchContext(pixel_size=None))
 
 
 def denoise_source(
@@ -148,22 +188,29 @@ def denoise_source(
     scheduler: str | None = None,
     workers: int | None = None,
     tta: bool = False,
+    snr: float | None = None,
 ) -> Path:
     """Stream `source` (.star/.mrcs/array) through a saved model into OUT.star + OUT.mrcs.
 
     ``scheduler`` / ``workers``: where the chunks run (None: in this process; see
     :mod:`cryosift.engine`); on a cluster every worker loads the model from its path once.
     ``tta``: average over the 8 rotations and flips of each image (8x the compute).
+    ``snr``: for a conditioned model (the general one), the stack's SNR; estimated from up to
+    2,000 of its images when not given.
     """
     from cryosift.denoise.model_io import load_model, resolve_model_path
     from cryosift.engine import DenoiseOp
     from cryosift.filters.base import apply_filter_to_source
+    from cryosift.io import open_source
 
     model, meta = load_model(model_ref, device)
+    source = open_source(source)
+    snr = stack_snr(model, source, snr)
     task = DenoiseOp(
-        str(resolve_model_path(model_ref).resolve()), str(torch.device(device)), tta=tta
+        str(resolve_model_path(model_ref).resolve()), str(torch.device(device)), tta=tta, snr=snr
     )
+    filt = NetworkFilter(model, meta, torch.device(device), tta=tta, snr=snr)
     return apply_filter_to_source(
-        source, NetworkFilter(model, meta, torch.device(device), tta=tta), out_star, chunk_size,
+        source, filt, out_star, chunk_size,
         scheduler=scheduler, workers=workers, task=task,
     )

@@ -28,7 +28,7 @@ import torch
 from torch.nn import functional as F
 
 from cryosift.denoise.model_io import load_checkpoint, save_checkpoint, save_model
-from cryosift.denoise.networks import UNet, UNetConfig
+from cryosift.denoise.networks import UNet, UNetConfig, snr_condition
 from cryosift.errors import CryosiftError
 from cryosift.malloc import keep_freed_memory
 from cryosift.progress import progress
@@ -66,6 +66,11 @@ class TrainConfig:
     # decays it to 0 over all epochs x steps, so the last steps average out the gradient noise
     # (no reliance on a validation loss that, at SNR 0.01, is itself noisy to ~5%)
     schedule: str = "plateau"
+    # condition the U-Net on the stack's SNR (1) or not (0): for training sets that mix SNRs
+    conditions: int = 0
+    # start from this model's weights (a folder, .pt or shipped name such as "general") and
+    # fine-tune them on the stack; its architecture replaces depth, width and conditions
+    init: str = ""
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -83,6 +88,8 @@ class TrainConfig:
             raise CryosiftError("--schedule must be plateau or cosine")
         if not 0 <= self.ema < 1:
             raise CryosiftError("--ema must lie in [0, 1)")
+        if self.conditions not in (0, 1):
+            raise CryosiftError("conditions must be 0 or 1 (the stack's SNR)")
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -155,7 +162,12 @@ def n2v_mask(
 
 
 def _loss(
-    model, cfg: TrainConfig, batch: list[torch.Tensor], gen: torch.Generator, device: torch.device
+    model,
+    cfg: TrainConfig,
+    batch: list[torch.Tensor],
+    gen: torch.Generator,
+    device: torch.device,
+    cond: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The method's loss on a batch, averaged per image first (weighted by 1 / variance of the
     noisy input with ``per_image_weight``).
@@ -163,15 +175,18 @@ def _loss(
     The weight depends only on the input, whose noise is independent of the target's, so for
     Noise2Noise the minimiser stays E[clean | input] pixel by pixel (Lehtinen et al. 2018's
     argument holds for any input-dependent weight); for Noise2Void, the variance of a whole
-    crop barely depends on the 2% of pixels that are masked."""
+    crop barely depends on the 2% of pixels that are masked. ``cond``: the images' condition
+    values (B, conditions) for a conditioned U-Net."""
     x = batch[0].to(device)
+    if cond is not None:
+        cond = cond.to(device)
     if cfg.method == "n2n":
-        err = (model(x) - batch[1].to(device)) ** 2
+        err = (model(x, cond) - batch[1].to(device)) ** 2
         per_image = err.mean(dim=(1, 2, 3))
     else:
         inp, mask = n2v_mask(batch[0], cfg.mask_fraction, cfg.n2v_replace, gen)
         mask = mask.to(device).float()
-        err = (model(inp.to(device)) - x) ** 2 * mask
+        err = (model(inp.to(device), cond) - x) ** 2 * mask
         per_image = err.sum(dim=(1, 2, 3)) / mask.sum(dim=(1, 2, 3)).clamp_min(1)
     if cfg.per_image_weight:
         # i.e. the loss in units of each input's own standard deviation (~1 for noisy images)
@@ -227,13 +242,20 @@ def train_denoiser(
     resume: bool = False,
     pixel_size: float | None = None,
     provenance: dict | None = None,
+    snr: np.ndarray | float | None = None,
 ) -> dict:
     """Train a denoiser on `images` (and `images_b` for N2N) into `model_dir`; returns a summary.
+
+    A conditioned U-Net (``cfg.conditions``, or an ``cfg.init`` model that is) is given each
+    image's SNR: ``snr`` per image (N,) or for the whole stack, estimated from the stack when
+    None. With ``cfg.init`` the network starts from that model's weights and architecture (cfg's
+    depth, width and conditions are set from it).
 
     model_dir holds checkpoint.pt (every epoch), model.pt (best weights + architecture), and
     training.json (parameters, per-epoch history, best epoch, timing).
     """
     cfg.validate()
+    init_state = _adopt_init(cfg) if cfg.init else None
     keep_freed_memory()  # every step's activations and gradients reuse the heap (malloc.py)
     device = torch.device(device)
     if cfg.method == "n2n":
@@ -250,9 +272,13 @@ def train_denoiser(
     n_val = max(1, int(round(cfg.val_fraction * n)))
     val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
     stacks = [images] if cfg.method == "n2v" else [images, images_b]
+    cond = _condition_values(cfg, images, snr)
 
     torch.manual_seed(cfg.seed)
-    model = UNet(UNetConfig(depth=cfg.depth, width=cfg.width)).to(device)
+    model = UNet(_architecture(cfg))
+    if init_state is not None:
+        model.load_state_dict(init_state)
+    model = model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     steps = cfg.steps_per_epoch or max(1, len(train_idx) // cfg.batch_size)
     if cfg.schedule == "cosine":
@@ -307,11 +333,13 @@ def train_denoiser(
             pick = train_idx[
                 torch.randint(0, len(train_idx), (cfg.batch_size,), generator=gen).numpy()
             ]
-            batch = _crops(stacks, np.sort(pick), cfg.crop, gen)
+            pick = np.sort(pick)
+            batch = _crops(stacks, pick, cfg.crop, gen)
             if cfg.method == "n2n" and cfg.swap_pairs:
                 batch = _swap_pairs(batch, gen)
+            c = None if cond is None else torch.from_numpy(cond[pick])
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                loss = _loss(model, cfg, batch, gen, device)
+                loss = _loss(model, cfg, batch, gen, device, c)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -322,7 +350,7 @@ def train_denoiser(
             total += float(loss.detach())
         if average is not None:
             average.swap()  # validate and save the averaged weights
-        val = validation_loss(model, cfg, stacks, val_idx, device, val_gen_seed)
+        val = validation_loss(model, cfg, stacks, val_idx, device, val_gen_seed, cond=cond)
         if cfg.schedule == "plateau":
             sched.step(val)
         history.append(
@@ -376,10 +404,44 @@ def train_denoiser(
 def _meta(cfg: TrainConfig, pixel_size: float | None, box: int) -> dict:
     return {
         "method": cfg.method,
-        "architecture": UNetConfig(cfg.depth, cfg.width).to_dict(),
+        "architecture": _architecture(cfg).to_dict(),
         "pixel_size": pixel_size,
         "train_box": box,
+        **({"init": cfg.init} if cfg.init else {}),
     }
+
+
+def _architecture(cfg: TrainConfig) -> UNetConfig:
+    return UNetConfig(depth=cfg.depth, width=cfg.width, conditions=cfg.conditions)
+
+
+def _adopt_init(cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """The weights of the ``cfg.init`` model; cfg takes its architecture."""
+    from cryosift.denoise.model_io import load_model
+
+    model, meta = load_model(cfg.init)
+    if not isinstance(model, UNet):
+        raise CryosiftError(f"--init {cfg.init}: not a U-Net denoiser (n2n/n2v/general)")
+    cfg.depth, cfg.width = model.config.depth, model.config.width
+    cfg.conditions = model.config.conditions
+    return model.state_dict()
+
+
+def _condition_values(
+    cfg: TrainConfig, images: np.ndarray, snr: np.ndarray | float | None
+) -> np.ndarray | None:
+    """(N, 1) float32 condition values of a conditioned U-Net (None otherwise)."""
+    if not cfg.conditions:
+        return None
+    if snr is None:
+        from cryosift.denoise.cwf import estimate_snr
+
+        snr = estimate_snr(images)
+        log.info("estimated SNR of the training stack: %.4g", snr)
+    values = np.broadcast_to(np.asarray(snr, dtype=np.float64), (len(images),))
+    if not np.isfinite(values).all():
+        raise CryosiftError("the SNR of every training image must be a finite number")
+    return np.fromiter((snr_condition(v) for v in values), np.float32, len(values))[:, None]
 
 
 @torch.no_grad()
@@ -391,6 +453,7 @@ def validation_loss(
     device: torch.device,
     seed: int,
     batch: int = 64,
+    cond: np.ndarray | None = None,
 ) -> float:
     """The method's own loss on held-out images (whole images, fixed masks for N2V)."""
     model.eval()
@@ -399,7 +462,8 @@ def validation_loss(
     for start in range(0, len(idx), batch):
         sel = idx[start : start + batch]
         tensors = [torch.as_tensor(np.asarray(s[sel], dtype=np.float32))[:, None] for s in stacks]
-        loss = _loss(model, cfg, tensors, gen, device)
+        c = None if cond is None else torch.from_numpy(cond[sel])
+        loss = _loss(model, cfg, tensors, gen, device, c)
         total += float(loss) * len(sel)
         count += len(sel)
     return total / count
