@@ -118,9 +118,9 @@ def test_fine_tuning_the_general_model_through_the_cli(two_snrs, tmp_path, capsy
     a, _, clean = two_snrs[0.03]
     write_mrcs(tmp_path / "stack.mrcs", a, pixel_size=4.0)
     model_dir = tmp_path / "tuned"
+    # no --init and no architecture: the general model is fine-tuned
     args = ["-q", "denoise", "train", str(tmp_path / "stack.mrcs"), "--method", "n2v",
-            "--init", "general", "--epochs", "1", "--crop", "32", "-o", str(model_dir),
-            "--device", "cpu"]
+            "--epochs", "1", "--crop", "32", "-o", str(model_dir), "--device", "cpu"]
     assert run_cli(args) == 0, capsys.readouterr().err
     _, meta = load_model(model_dir)
     _, general_meta = load_model("general")
@@ -145,3 +145,15 @@ def test_fine_tuning_the_general_model_through_the_cli(two_snrs, tmp_path, capsy
     code = run_cli(["-q", "denoise", "train", str(tmp_path / "stack.mrcs"), "--method", "cdae",
                     "--pretrained", "x", "--init", "general", "-o", str(tmp_path / "c")])
     assert code == 2 and "--init" in capsys.readouterr().err
+    code = run_cli(["-q", "denoise", "train", str(tmp_path / "stack.mrcs"), "--method", "n2v",
+                    "--init", "general", "--width", "4", "-o", str(tmp_path / "w")])
+    assert code == 2 and "--init none" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+    # an architecture alone means random weights
+    scratch = tmp_path / "scratch"
+    args = ["-q", "denoise", "train", str(tmp_path / "stack.mrcs"), "--method", "n2v",
+            "--epochs", "1", "--crop", "32", "--depth", "3", "--width", "4", "-o", str(scratch),
+            "--device", "cpu"]
+    assert run_cli(args) == 0, capsys.readouterr().err
+    _, meta = load_model(scratch)
+    assert "init" not in meta and meta["architecture"]["width"] == 4

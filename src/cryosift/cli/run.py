@@ -27,6 +27,9 @@ log = logging.getLogger("cryosift")
 @click.option("--denoise", default="auto", show_default=True,
               help="auto (n2n with --pairs, else n2v, trained on the data), n2v, n2n, none, a "
               "shipped model (general) or a model folder from `cryosift denoise train`.")
+@click.option("--denoise-init", default="general", show_default=True,
+              help="What n2n/n2v training starts from: a model to fine-tune (shipped name or "
+              "folder) or none (random weights).")
 @click.option("--denoise-epochs", default=10, show_default=True)
 @click.option("--denoise-steps-per-epoch", default=100, show_default=True)
 @click.option("--denoise-max-images", default=5000, show_default=True,

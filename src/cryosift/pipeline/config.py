@@ -39,6 +39,9 @@ class RunConfig:
     # denoise: auto (n2n with --pairs, else n2v, trained on the data), n2v, n2n, none,
     # a shipped model name (e.g. general) or a model folder from `cryosift denoise train`
     denoise: str = "auto"
+    # what n2n / n2v training starts from: a model to fine-tune (the shipped general one by
+    # default; a name or folder) or "none" (random weights, as seeds 002/003 train)
+    denoise_init: str = "general"
     denoise_epochs: int = 10
     denoise_steps_per_epoch: int = 100
     denoise_max_images: int = 5000  # train on at most this many images (a random subset)

@@ -42,6 +42,8 @@ log = logging.getLogger("cryosift")
 STAGES = ("normalize", "denoise", "screen", "classify", "evaluate")
 MANIFEST = "run.json"
 TRUTH_COLUMNS = ("cryosiftIsParticle", "cryosiftCleanImageName", "cryosiftTrueView")
+#: weight averaging (EMA decay) of the denoiser trained by the pipeline, as in the benchmarks
+RUN_EMA = 0.99
 
 
 @dataclass
@@ -273,7 +275,8 @@ class _Runner:
         if method in DENOISE_TRAINED:
             outputs["model"] = "denoise/model/model.pt"
             params.update(epochs=cfg.denoise_epochs, steps_per_epoch=cfg.denoise_steps_per_epoch,
-                          max_images=cfg.denoise_max_images, seed=cfg.seed)
+                          max_images=cfg.denoise_max_images, seed=cfg.seed,
+                          init=cfg.denoise_init, schedule="cosine", ema=RUN_EMA)
         model_dir = self.out / "denoise" / "model"
 
         def work(extra: dict[str, Any]) -> None:
@@ -307,9 +310,13 @@ class _Runner:
             rng = np.random.default_rng(cfg.seed)
             idx = np.sort(rng.choice(len(idx), cfg.denoise_max_images, replace=False))
         crop = min(64, src.box - src.box % 8)
+        init = "" if cfg.denoise_init.lower() == "none" else cfg.denoise_init
+        # a fixed budget, cosine learning rate and averaged weights, as the benchmarks train
+        # (at low SNR the validation loss is too noisy to pick epochs by)
         tcfg = TrainConfig(method=method, epochs=cfg.denoise_epochs, crop=crop,
                            steps_per_epoch=cfg.denoise_steps_per_epoch,
-                           patience=max(3, cfg.denoise_epochs // 3), seed=cfg.seed)
+                           patience=cfg.denoise_epochs, seed=cfg.seed, init=init,
+                           schedule="cosine", ema=RUN_EMA)
         resume = resume and (model_dir / "checkpoint.pt").is_file()
         summary = train_denoiser(
             src.images(idx), model_dir, tcfg,
