@@ -28,7 +28,7 @@ def test_registry_lists_filters_and_oracles():
 
 
 def test_protocol_matches_the_spec():
-    assert set(BENCHMARKS) == {"B1", "B2", "B3", "B4", "B5"}
+    assert set(BENCHMARKS) == {"B1", "B2", "B3", "B4", "B5", "P10"}
     b1 = BENCHMARKS["B1"].settings
     assert sorted(s.snr for s in b1.values()) == [0.01, 0.02, 0.05, 0.1, 0.2, 0.5]
     assert {s.structure for s in b1.values()} == {"1aon.pdb.gz"}
@@ -41,6 +41,25 @@ def test_protocol_matches_the_spec():
     assert b5.ctf and b5.max_shift > 0 and set(b5.junk_types) >= {"ice", "carbon", "aggregate"}
     # fragments of another protein, as the issue asks, not pieces of GroEL itself
     assert "fragment" in b5.junk_types and b5.junk_structure not in (None, b5.structure)
+
+
+def test_phantom10_is_the_issue_setting_and_prints_the_other_tools_beside():
+    from cryosift.bench.report import markdown
+    from cryosift.bench.runner import protocol_record
+
+    p10 = BENCHMARKS["P10"].settings
+    assert sorted(s.snr for s in p10.values()) == [0.01, 0.1]
+    assert all(s.views == 10 and s.n_images == 2000 and s.box == 64 and not s.ctf
+               and not s.in_plane and "denoise" in s.tasks for s in p10.values())
+    record = protocol_record(["P10"], quick=False)
+    results = {"P10": {k: {"cwf": {"kind": "denoiser", "psnr": 20.0}} for k in p10}}
+    md = markdown(results, record, "cmd")
+    low, high = md.index("### P10 snr=0.01"), md.index("### P10 snr=0.1")
+    section_01 = md[high:low] if high < low else md[high:]
+    assert "| ASPIRE Cov2D | 29.5 |" in section_01
+    assert "| Topaz-Denoise general | 23.7 |" in section_01
+    assert "| ASPIRE Cov2D | 24.6 |" in md[low:] and "2000 images" in md
+    assert "| cwf | 20 |" in section_01  # our rows follow in their own table
 
 
 def test_dataset_fragments_come_from_the_junk_structure(tmp_path, monkeypatch):

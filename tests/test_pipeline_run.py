@@ -124,6 +124,27 @@ def test_rerun_reuses_unchanged_stages_and_redoes_changed_ones(finished, data, t
     assert '"tta": true' in (out / "denoise" / "denoised_filter.json").read_text()
 
 
+def test_run_denoises_with_the_covariance_wiener_filter(finished, data, tmp_path):
+    """--denoise cwf fits the filter on the run's own normalised stack; switching to it from
+    the general model reruns only the denoise stage and the evaluation."""
+    _, star, train = data
+    out = tmp_path / "cwf"
+    shutil.copytree(finished, out)
+    args = _args(star, out, "--screen-labels", str(train))
+    args[args.index("--denoise") + 1] = "cwf"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CRYOSIFT_NO_PROGRESS", "1")
+        assert run_cli(args) == 0
+    st = _stages(out)
+    assert [st[s]["status"] for s in STAGES] == ["reused", "done", "reused", "reused", "done"]
+    assert st["denoise"]["params"]["method"] == "cwf"
+    record = json.loads((out / "denoise" / "denoised_filter.json").read_text())
+    assert record["parameters"]["filters"][0]["name"] == "cwf"
+    den = json.loads((out / "evaluate" / "metrics.json").read_text())["denoise"]
+    assert den["denoised"]["cc"] > den["raw"]["cc"] + 0.2  # 4 views: the covariance is low-rank
+    assert st["denoise"]["outputs"] == {"star": "denoise/denoised.star"}  # no model trained
+
+
 def test_config_file_mirrors_flags_and_rejects_unknown_keys(finished, data, tmp_path, capsys):
     _, star, _ = data
     # the written config reruns the same run (everything reused)

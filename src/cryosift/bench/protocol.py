@@ -46,6 +46,9 @@ class Benchmark:
     reproduces: str
     settings: dict[str, DatasetSpec] = field(default_factory=dict)
     quick: dict[str, DatasetSpec] = field(default_factory=dict)
+    # figures other tools reached in the same setting, run elsewhere (not by this benchmark):
+    # {setting: {tool: {metric: value}}}, printed beside the results for comparison
+    references: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
 
 
 def _geometric(k: int, ratio: float) -> tuple[float, ...]:
@@ -163,7 +166,40 @@ def _b5() -> Benchmark:
     )
 
 
-BENCHMARKS: dict[str, Benchmark] = {b.id: b for b in (_b1(), _b2(), _b3(), _b4(), _b5())}
+def _p10() -> Benchmark:
+    snrs = (0.1, 0.01)
+    full = {
+        f"snr={s}": DatasetSpec("5F9R.pdb", 2000, 64, 3.2, s, views=10, in_plane=False, seed=0)
+        for s in snrs
+    }
+    quick = {k: replace(v, n_images=500) for k, v in full.items()}
+    # PSNR reached by other tools on a 10-view, 2,000-image, 64 px phantom without CTF, as
+    # issue 4 gives them (Noise2Void: CAREamics, 5 epochs; Topaz: its general model; Cov2D:
+    # ASPIRE's covariance Wiener filter)
+    tools = ("Topaz-Denoise general", "ASPIRE Cov2D", "CAREamics Noise2Void", "BM3D",
+             "Gaussian blur")
+    figures = {
+        "snr=0.1": (23.7, 29.5, 27.1, 26.3, 23.6),
+        "snr=0.01": (17.7, 24.6, 19.0, 19.0, 15.7),
+    }
+    return Benchmark(
+        "P10",
+        "10-view SpCas9 (5F9R) phantom, 2,000 images of 64 px at 3.2 Å/px, no CTF, no "
+        "in-plane rotation: denoising at SNR 0.1 and 0.01",
+        "the side-by-side setting of issue 4 (Topaz-Denoise, ASPIRE Cov2D, CAREamics "
+        "Noise2Void, BM3D)",
+        full,
+        quick,
+        references={
+            k: {t: {"psnr": v} for t, v in zip(tools, vals, strict=True)}
+            for k, vals in figures.items()
+        },
+    )
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    b.id: b for b in (_b1(), _b2(), _b3(), _b4(), _b5(), _p10())
+}
 
 
 def benchmark_settings(bench_id: str, quick: bool) -> dict[str, DatasetSpec]:

@@ -76,6 +76,7 @@ def markdown(results: dict, protocol: dict, command: str) -> str:
         ]
         for key, methods in settings.items():
             lines += [f"### {bid} {key}", ""]
+            lines += _references(meta.get("references", {}).get(key), meta.get("settings", {}))
             for kind, cols in COLUMNS.items():
                 rows = {m: s for m, s in methods.items() if s.get("kind") == kind}
                 if not rows:
@@ -90,6 +91,25 @@ def markdown(results: dict, protocol: dict, command: str) -> str:
                     )
                 lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def _references(tools: dict | None, settings: dict) -> list[str]:
+    """Other tools' figures in this setting (run elsewhere, as the benchmark records them)."""
+    if not tools:
+        return []
+    metrics = sorted({m for v in tools.values() for m in v})
+    sizes = sorted({s.get("n_images") for s in settings.values()})
+    lines = [
+        "Reference figures of other tools in this setting, run elsewhere on their own "
+        f"simulation of it (not by this benchmark, which used {'/'.join(map(str, sizes))} "
+        "images):",
+        "",
+        "| tool | " + " | ".join(metrics) + " |",
+        "|---" * (len(metrics) + 1) + "|",
+    ]
+    for tool, vals in tools.items():
+        lines.append(f"| {tool} | " + " | ".join(_fmt(vals.get(m)) for m in metrics) + " |")
+    return lines + [""]
 
 
 def psnr_vs_setting_plot(settings: dict, path: Path, metric: str = "psnr") -> Path | None:

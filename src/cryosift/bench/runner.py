@@ -252,6 +252,7 @@ def protocol_record(ids: list[str], quick: bool) -> dict:
             "title": BENCHMARKS[bid].title,
             "reproduces": BENCHMARKS[bid].reproduces,
             "settings": {k: asdict(v) for k, v in benchmark_settings(bid, quick).items()},
+            **({"references": BENCHMARKS[bid].references} if BENCHMARKS[bid].references else {}),
         }
         for bid in ids
     }

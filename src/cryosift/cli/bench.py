@@ -1,4 +1,4 @@
-"""`cryosift bench`: the benchmark protocol (B1-B5) on simulated data, JSON and Markdown."""
+"""`cryosift bench`: the benchmark protocol (B1-B5, P10) on simulated data, JSON and Markdown."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ from pathlib import Path
 
 import click
 
+from cryosift.bench.protocol import BENCHMARKS
+
 log = logging.getLogger("cryosift")
 
 
 @click.command("bench")
 @click.argument(
-    "which", type=click.Choice(["B1", "B2", "B3", "B4", "B5", "all"], case_sensitive=False)
+    "which", type=click.Choice([*BENCHMARKS, "all"], case_sensitive=False)
 )
 @click.option("--quick", is_flag=True, help="Fewer and smaller images: minutes instead of an hour.")
 @click.option(
@@ -38,7 +40,8 @@ def command(which: str, quick: bool, out_dir: Path, methods: str | None, device:
     Every registered method is scored beside the baselines and the oracles (Wiener filter with the
     true spectra, nearest clean view, matched filter): B1 denoising vs SNR on GroEL, B2 the
     four-view setting of seed 004, B3 particle-vs-noise screening of seed 000, B4 many views with
-    unequal class sizes (seed 001), B5 a realistic dataset with CTF, shifts and structured junk.
+    unequal class sizes (seed 001), B5 a realistic dataset with CTF, shifts and structured junk,
+    P10 the 10-view phantom on which other tools' denoising figures are known (printed beside).
     Simulated datasets are cached in DIR/data and reused when their parameters are unchanged.
 
     \b
@@ -51,7 +54,7 @@ def command(which: str, quick: bool, out_dir: Path, methods: str | None, device:
     from cryosift.device import select_device
     from cryosift.provenance import provenance_record
 
-    ids = ["B1", "B2", "B3", "B4", "B5"] if which.lower() == "all" else [which.upper()]
+    ids = list(BENCHMARKS) if which.lower() == "all" else [which.upper()]
     dev = select_device(device)
     only = None if not methods else [m.strip() for m in methods.split(",") if m.strip()]
     results = run_benchmarks(ids, out_dir, quick=quick, device=str(dev), methods=only)

@@ -1,5 +1,5 @@
-"""`cryosift denoise train` / `apply` / `pretrain-cdae`: learned denoisers (Noise2Noise,
-Noise2Void, the CDAE cascade of seed 004)."""
+"""`cryosift denoise train` / `apply` / `cwf` / `pretrain-cdae`: learned denoisers (Noise2Noise,
+Noise2Void, the CDAE cascade of seed 004) and the covariance Wiener filter."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ log = logging.getLogger("cryosift")
 
 @click.group("denoise")
 def command() -> None:
-    """Train a denoiser on a particle stack, or apply a trained one.
+    """Train a denoiser on a particle stack, or apply a trained one (or the covariance
+    Wiener filter, which needs no training).
 
     \b
     Examples:
@@ -23,6 +24,7 @@ def command() -> None:
       cryosift denoise train even.star --pairs odd.star --method n2n -o n2n_model
       cryosift denoise apply particles.star --model n2v_model -o denoised.star
       cryosift denoise apply particles.star --model general -o denoised.star
+      cryosift denoise cwf particles.star -o cwf/denoised.star
       cryosift denoise train particles.star --method n2v --init none --width 16 -o scratch
       cryosift denoise pretrain-cdae trpv1.pdb -o cdae_pre --box 64 --pixel-size 3
       cryosift denoise train particles.star --method cdae --pretrained cdae_pre -o cdae_model
@@ -261,6 +263,51 @@ def apply(stack: Path, model_ref: str, out_star: Path, chunk_size: int, tta: boo
     out = denoise_source(
         model_ref, stack, out_star, device=select_device(device), chunk_size=chunk_size,
         scheduler=scheduler, workers=workers, tta=tta, snr=snr,
+    )
+    log.info("wrote %s", out)
+
+
+@command.command("cwf")
+@click.argument("stack", type=click.Path(path_type=Path))
+@click.option(
+    "-o", "--out", "out_star", required=True, type=click.Path(path_type=Path, dir_okay=False),
+    help="Output STAR (+ .mrcs and _filter.json beside).",
+)
+@click.option("--max-fit-images", default=20000, show_default=True,
+              help="Estimate the covariance from at most this many images (a random subset).")
+@click.option("--noise-var", type=float, default=None,
+              help="Noise variance per pixel [default: estimated from the image corners].")
+@click.option("--ctf/--no-ctf", "use_ctf", default=True, show_default=True,
+              help="Use the STAR's CTF columns (where there are any).")
+@click.option("--ctf-corrected", is_flag=True,
+              help="Write the CTF-corrected estimate instead of the image as imaged.")
+@click.option("--bandlimit", default=0.9, show_default=True,
+              help="Highest frequency of the Fourier-Bessel basis, as a fraction of Nyquist.")
+@click.option("--pixel-size", type=float, default=None,
+              help="Pixel size in Å, overriding the input's.")
+@click.option("--chunk-size", default=512, show_default=True, help="Images per chunk.")
+@click.option("--seed", default=0, show_default=True, help="Picks the fitted subset.")
+def cwf(stack: Path, out_star: Path, max_fit_images: int, noise_var: float | None,
+        use_ctf: bool, ctf_corrected: bool, bandlimit: float, pixel_size: float | None,
+        chunk_size: int, seed: int) -> None:
+    """Covariance Wiener filter (ASPIRE Cov2D-style): no training, no network.
+
+    Estimates the mean and the rotation-invariant covariance of the clean images from the
+    noisy stack itself (noise subtracted, CTF-aware from the STAR's defocus columns), then
+    Wiener-filters every image with them. It pools statistics over the whole stack, so it is
+    strongest on stacks with many images of few views, and the best denoiser of the
+    benchmarks at SNR <= 0.1 (README, B1). Runs on the CPU.
+
+    \b
+    Example:
+      cryosift denoise cwf particles.star -o cwf/denoised.star
+    """
+    from cryosift.denoise.cwf import cwf_denoise_source
+
+    out = cwf_denoise_source(
+        stack, out_star, chunk_size=chunk_size, pixel_size=pixel_size,
+        max_fit_images=max_fit_images, noise_var=noise_var, use_ctf=use_ctf,
+        ctf_corrected=ctf_corrected, bandlimit=bandlimit, seed=seed,
     )
     log.info("wrote %s", out)
 

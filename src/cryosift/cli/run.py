@@ -25,8 +25,9 @@ log = logging.getLogger("cryosift")
 @click.option("--normalize/--no-normalize", default=True, show_default=True,
               help="RELION-style normalisation first (background mean 0, σ 1).")
 @click.option("--denoise", default="auto", show_default=True,
-              help="auto (n2n with --pairs, else n2v, trained on the data), n2v, n2n, none, a "
-              "shipped model (general) or a model folder from `cryosift denoise train`.")
+              help="auto (n2n with --pairs, else n2v, trained on the data), n2v, n2n, cwf (the "
+              "covariance Wiener filter, fitted on the data), none, a shipped model (general) "
+              "or a model folder from `cryosift denoise train`.")
 @click.option("--denoise-init", default="general", show_default=True,
               help="What n2n/n2v training starts from: a model to fine-tune (shipped name or "
               "folder) or none (random weights).")

@@ -21,10 +21,12 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-__all__ = ["DENOISE_TRAINED", "RunConfig", "read_config", "to_toml"]
+__all__ = ["DENOISE_FITTED", "DENOISE_TRAINED", "RunConfig", "read_config", "to_toml"]
 
 #: Denoising choices that train a network on the data itself.
 DENOISE_TRAINED = ("n2v", "n2n")
+#: Denoising choices that fit on the data itself without a network (the covariance Wiener filter).
+DENOISE_FITTED = ("cwf",)
 
 
 @dataclass
@@ -36,8 +38,9 @@ class RunConfig:
     pairs: str | None = None  # second independent half of every image (even/odd frame sums)
     pixel_size: float | None = None  # Å/px, overrides what the input states
     normalize: bool = True  # RELION-style: background mean 0, sigma 1 outside a circle
-    # denoise: auto (n2n with --pairs, else n2v, trained on the data), n2v, n2n, none,
-    # a shipped model name (e.g. general) or a model folder from `cryosift denoise train`
+    # denoise: auto (n2n with --pairs, else n2v, trained on the data), n2v, n2n, cwf (the
+    # covariance Wiener filter, fitted on the data), none, a shipped model name (e.g. general)
+    # or a model folder from `cryosift denoise train`
     denoise: str = "auto"
     # what n2n / n2v training starts from: a model to fine-tune (the shipped general one by
     # default; a name or folder) or "none" (random weights, as seeds 002/003 train)

@@ -33,7 +33,7 @@ import torch
 from cryosift import __version__
 from cryosift.errors import CryosiftError, InputError
 from cryosift.io import atomic_write_json, atomic_write_text, open_source
-from cryosift.pipeline.config import DENOISE_TRAINED, RunConfig, to_toml
+from cryosift.pipeline.config import DENOISE_FITTED, DENOISE_TRAINED, RunConfig, to_toml
 
 __all__ = ["STAGES", "RunResult", "run_pipeline"]
 
@@ -178,7 +178,7 @@ class _Runner:
         """Models and training sets named by the config must exist and fit the images (box,
         pixel size) before anything runs: a mismatch found at stage 3 would leave a half run."""
         cfg = self.cfg
-        if cfg.denoise not in ("auto", "none", *DENOISE_TRAINED):
+        if cfg.denoise not in ("auto", "none", *DENOISE_TRAINED, *DENOISE_FITTED):
             from cryosift.denoise.apply import NetworkFilter
             from cryosift.denoise.model_io import load_model
 
@@ -282,6 +282,12 @@ class _Runner:
         def work(extra: dict[str, Any]) -> None:
             from cryosift.denoise.apply import denoise_source
 
+            if method in DENOISE_FITTED:
+                from cryosift.denoise.cwf import cwf_denoise_source
+
+                cwf_denoise_source(images, self.out / outputs["star"], cfg.chunk_size,
+                                   seed=cfg.seed)
+                return
             model_ref: str | Path = method
             if method in DENOISE_TRAINED:
                 extra["training"] = self._train_denoiser(method, images, pairs, model_dir,
@@ -291,7 +297,7 @@ class _Runner:
                            cfg.chunk_size, tta=cfg.denoise_tta)
 
         inputs = _files_read(images) + _files_read(pairs)
-        if method not in DENOISE_TRAINED:
+        if method not in (*DENOISE_TRAINED, *DENOISE_FITTED):
             from cryosift.denoise.model_io import resolve_model_path
 
             inputs.append(resolve_model_path(method))
