@@ -21,6 +21,7 @@ from cryosift.denoise.cwf import (
     estimate_noise_var,
     shrink_eigenvalues,
     steerable_basis,
+    sure_risk,
 )
 from cryosift.errors import CryosiftError
 from cryosift.filters.ctf import batch_ctf, hermitian_nyquist
@@ -72,6 +73,12 @@ def views(tmp_path_factory):
 def views_ctf(tmp_path_factory):
     """The same kind of stack with CTF (defocus 0.8-3 µm, astigmatism), 600 images."""
     return _simulate(tmp_path_factory, "cwf_ctf", 600, ctf=True, in_plane=True, seed=12)
+
+
+@pytest.fixture(scope="module")
+def fixed_views(tmp_path_factory):
+    """10 views without in-plane rotation (the views repeat exactly), no CTF, 600 images."""
+    return _simulate(tmp_path_factory, "cwf_fixed", 600, ctf=False, in_plane=False, seed=13)
 
 
 @pytest.fixture(autouse=True)
@@ -136,6 +143,37 @@ def test_rotation_invariance_helps_with_in_plane_rotations(views):
     plain = mean_psnr(cwf_denoise(sub_noisy, bandlimit=0.7, rotation_invariant=False), sub_clean)
     print(f"steerable {steerable:.2f}  plain PCA {plain:.2f}")
     assert steerable > plain + 0.5
+
+
+def test_stein_risk_estimates_the_mse_on_held_out_images(views, fixed_views):
+    """SURE from the noisy images alone must match the true per-pixel MSE against the clean
+    images of images the filter was not fitted on, for both covariances."""
+    for noisy, clean, _ in (views, fixed_views):
+        for invariant in (True, False):
+            filt = CovarianceWienerFilter(bandlimit=0.7, rotation_invariant=invariant)
+            filt.fit(noisy[:300])
+            held, truth = noisy[300:600], clean[300:600].astype(np.float64)
+            mse = float(np.mean((filt.transform(held) - truth) ** 2))
+            risk = sure_risk(filt, held, seed=4)
+            # the residual term's sampling error is ~sigma^2 sqrt(2 / pixels) ~ 0.002 sigma^2
+            assert abs(risk - mse) < 0.05 * mse + 0.01 * filt.noise_var_, (invariant, risk, mse)
+
+
+def test_auto_covariance_picks_what_the_stack_needs(views, fixed_views):
+    """Rotated views need the rotation-invariant covariance, repeated unrotated views the plain
+    one; "auto" finds which from the noisy images and keeps the better one."""
+    picks = {}
+    for name, (noisy, clean, _) in {"rotated": views, "fixed": fixed_views}.items():
+        noisy, clean = noisy[:600], clean[:600]
+        scores = {inv: mean_psnr(cwf_denoise(noisy, bandlimit=0.7, rotation_invariant=inv),
+                                 clean) for inv in (True, False)}
+        auto = CovarianceWienerFilter(bandlimit=0.7, rotation_invariant="auto").fit(noisy)
+        picks[name] = auto.summary()["rotation_invariant_fitted"]
+        assert set(auto.summary()["sure_risk"]) == {"rotation_invariant", "plain"}
+        assert mean_psnr(auto.transform(noisy), clean) == pytest.approx(
+            max(scores.values()), abs=1e-6)
+        print(name, scores)
+    assert picks == {"rotated": True, "fixed": False}
 
 
 def test_ctf_aware_beats_ctf_blind(views_ctf):

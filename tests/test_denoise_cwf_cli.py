@@ -57,7 +57,7 @@ def test_cli_gives_the_library_filter_streamed_and_keeps_the_metadata(stack, tmp
 
     noisy = open_source(star).images(slice(None))
     meta = merged_metadata(read_star(star))
-    expected = cwf_denoise(noisy, ctf=meta, pixel_size=PIXEL, chunk=96)
+    expected = cwf_denoise(noisy, ctf=meta, pixel_size=PIXEL, chunk=96, rotation_invariant=True)
     np.testing.assert_allclose(result, expected, rtol=1e-4, atol=1e-4)
 
     table = read_star(out)
@@ -66,6 +66,9 @@ def test_cli_gives_the_library_filter_streamed_and_keeps_the_metadata(stack, tmp
     record = json.loads(out.with_name("den_filter.json").read_text())
     (filt,) = record["parameters"]["filters"]
     assert filt["name"] == "cwf" and filt["ctf"] is True and filt["n_fit_images"] == 400
+    # with CTFs only the rotation-invariant covariance exists: "auto" takes it, untested
+    assert filt["rotation_invariant"] == "auto" and filt["rotation_invariant_fitted"] is True
+    assert "sure_risk" not in filt
 
     clean = open_source(clean_path).images(slice(None))
     gain = float(np.mean(psnr(result, clean)))
@@ -85,6 +88,9 @@ def test_no_ctf_and_subset_fit_change_what_is_fitted(stack, tmp_path, capsys):
     rec_b = json.loads(blind.with_name("b_filter.json").read_text())["parameters"]["filters"][0]
     rec_c = json.loads(subset.with_name("c_filter.json").read_text())["parameters"]["filters"][0]
     assert rec_b["ctf"] is False and rec_c["n_fit_images"] == 150
+    # without CTFs "auto" scored both covariances (rotated views: the invariant one wins)
+    assert set(rec_b["sure_risk"]) == {"rotation_invariant", "plain"}
+    assert rec_b["rotation_invariant_fitted"] is True
 
 
 def test_bad_input_is_refused_in_one_line_with_nothing_written(stack, tmp_path, capsys):
@@ -106,4 +112,8 @@ def test_bad_input_is_refused_in_one_line_with_nothing_written(stack, tmp_path, 
         m.voxel_size = PIXEL
     code, err = _run([tmp_path / "nan.mrcs", "-o", out], capsys)
     assert code == 2 and "NaN" in err and "nan.mrcs" in err and err.count("\n") == 1
+    assert not out.parent.exists() or not any(out.parent.iterdir())
+
+    code, err = _run([star, "-o", out, "--covariance", "plain"], capsys)  # plain has no CTF
+    assert code == 2 and "CTF" in err and err.count("\n") == 1
     assert not out.parent.exists() or not any(out.parent.iterdir())

@@ -281,6 +281,11 @@ def apply(stack: Path, model_ref: str, out_star: Path, chunk_size: int, tta: boo
               help="Use the STAR's CTF columns (where there are any).")
 @click.option("--ctf-corrected", is_flag=True,
               help="Write the CTF-corrected estimate instead of the image as imaged.")
+@click.option("--covariance", type=click.Choice(["auto", "rotation-invariant", "plain"]),
+              default="auto", show_default=True,
+              help="rotation-invariant (images at any in-plane angle share statistics), plain "
+              "(one covariance of the images as they are; no CTF), or auto: the one with the "
+              "lower Stein risk on held-out images.")
 @click.option("--bandlimit", default=0.9, show_default=True,
               help="Highest frequency of the Fourier-Bessel basis, as a fraction of Nyquist.")
 @click.option("--pixel-size", type=float, default=None,
@@ -288,8 +293,8 @@ def apply(stack: Path, model_ref: str, out_star: Path, chunk_size: int, tta: boo
 @click.option("--chunk-size", default=512, show_default=True, help="Images per chunk.")
 @click.option("--seed", default=0, show_default=True, help="Picks the fitted subset.")
 def cwf(stack: Path, out_star: Path, max_fit_images: int, noise_var: float | None,
-        use_ctf: bool, ctf_corrected: bool, bandlimit: float, pixel_size: float | None,
-        chunk_size: int, seed: int) -> None:
+        use_ctf: bool, ctf_corrected: bool, covariance: str, bandlimit: float,
+        pixel_size: float | None, chunk_size: int, seed: int) -> None:
     """Covariance Wiener filter (ASPIRE Cov2D-style): no training, no network.
 
     Estimates the mean and the rotation-invariant covariance of the clean images from the
@@ -308,6 +313,7 @@ def cwf(stack: Path, out_star: Path, max_fit_images: int, noise_var: float | Non
         stack, out_star, chunk_size=chunk_size, pixel_size=pixel_size,
         max_fit_images=max_fit_images, noise_var=noise_var, use_ctf=use_ctf,
         ctf_corrected=ctf_corrected, bandlimit=bandlimit, seed=seed,
+        rotation_invariant={"auto": "auto", "plain": False}.get(covariance, True),
     )
     log.info("wrote %s", out)
 
