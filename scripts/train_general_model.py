@@ -5,7 +5,7 @@
 Simulates the training pairs described in `cryosift.denoise.general` from the structures in
 ../shared/data/structures, trains the U-Net, and with --install copies model.pt (weights +
 architecture + recipe) to src/cryosift/data/models/general.pt. Deterministic for a given seed on
-one machine; about 45 min on one CPU thread (simulation ~2 min, then ~45 s per epoch).
+one machine; about 25 min on one CPU thread (simulation ~3 min, then 30 epochs of ~40 s).
 """
 
 from __future__ import annotations

@@ -95,6 +95,24 @@ def test_conditioned_training_learns_to_blur_low_snr_stacks_more(two_snrs, tmp_p
     assert auto == pytest.approx(score(a_lo, clean_lo, estimate_snr(a_lo)), abs=1e-4)
 
 
+def test_condition_jitter_perturbs_the_training_conditions_reproducibly(two_snrs, tmp_path):
+    """condition_jitter adds seeded noise to each training image's condition: the weights
+    differ from training without it, the same seed gives the same weights, and nonsense
+    values are refused."""
+    a, b, _ = two_snrs[0.03]
+    weights = {}
+    for name, jitter in (("plain", 0.0), ("j1", 0.3), ("j2", 0.3)):
+        cfg = TrainConfig(method="n2n", conditions=1, condition_jitter=jitter,
+                          **{**TINY, "epochs": 1, "steps_per_epoch": 5})
+        train_denoiser(a, tmp_path / name, cfg, images_b=b, snr=0.03)
+        weights[name] = load_model(tmp_path / name)[0].state_dict()
+    same = [torch.equal(weights["j1"][k], weights["j2"][k]) for k in weights["j1"]]
+    differ = [not torch.equal(weights["j1"][k], weights["plain"][k]) for k in weights["j1"]]
+    assert all(same) and any(differ)
+    with pytest.raises(CryosiftError, match="condition_jitter"):
+        TrainConfig(method="n2n", conditions=1, condition_jitter=-0.1).validate()
+
+
 def test_init_fine_tunes_from_the_saved_weights_and_architecture(two_snrs, tmp_path):
     a, b, _ = two_snrs[1.0]
     train_denoiser(a, tmp_path / "base", TrainConfig(method="n2n", **TINY), images_b=b)

@@ -75,3 +75,28 @@ def test_training_crops_keep_pairs_aligned_and_cover_the_whole_box():
     assert rows.min() == 0 and cols.min() == 0  # every offset 0..16 occurs in 400 draws
     assert rows.max() == box - size and cols.max() == box - size
     assert np.array_equal(np.diff(ca, axis=2), np.ones((n, size, size - 1)))  # contiguous crops
+
+
+def test_shipped_model_is_conditioned_on_the_stack_snr(groel):
+    """The general model takes the stack's SNR as an input plane: told a much lower SNR than
+    the stack's it smooths more (less high-frequency power), told a much higher one less, and
+    the SNR estimated from the stack itself does better than either wrong value."""
+    from cryosift.denoise.apply import denoise_array
+    from cryosift.denoise.cwf import estimate_snr
+
+    model, meta = load_model("general")
+    assert model.config.conditions == 1 and meta["recipe"]["conditions"] == 1
+    noisy = open_source(groel / "particles.star").images(slice(None))
+    clean = open_source(groel / "clean.mrcs").images(slice(None))
+    assert 0.07 < estimate_snr(noisy) < 0.14  # simulated at 0.1
+    outputs = {s: denoise_array(model, noisy, snr=s) for s in (0.005, None, 2.0)}
+
+    def high_power(x):  # power above half Nyquist
+        f = np.abs(np.fft.rfft2(x)) ** 2
+        k = np.hypot(*np.meshgrid(np.fft.fftfreq(x.shape[-1]), np.fft.rfftfreq(x.shape[-1]),
+                                  indexing="ij"))
+        return float(f[..., k > 0.25].sum())
+
+    assert high_power(outputs[0.005]) < high_power(outputs[None]) < high_power(outputs[2.0])
+    scores = {s: float(np.mean(psnr(out, clean))) for s, out in outputs.items()}
+    assert scores[None] > max(scores[0.005], scores[2.0]) + 0.3, scores

@@ -68,6 +68,10 @@ class TrainConfig:
     schedule: str = "plateau"
     # condition the U-Net on the stack's SNR (1) or not (0): for training sets that mix SNRs
     conditions: int = 0
+    # s.d. of Gaussian noise added to each training image's condition value at every step (in
+    # the units of networks.snr_condition: 0.2 ~ a factor 1.5 in SNR), so that a network trained
+    # on a few discrete SNRs responds smoothly to the SNRs between and around them
+    condition_jitter: float = 0.0
     # start from this model's weights (a folder, .pt or shipped name such as "general") and
     # fine-tune them on the stack; its architecture replaces depth, width and conditions
     init: str = ""
@@ -88,6 +92,8 @@ class TrainConfig:
             raise CryosiftError("--schedule must be plateau or cosine")
         if not 0 <= self.ema < 1:
             raise CryosiftError("--ema must lie in [0, 1)")
+        if not (0 <= self.condition_jitter < 10):
+            raise CryosiftError("condition_jitter must lie in [0, 10)")
         if self.conditions not in (0, 1):
             raise CryosiftError("conditions must be 0 or 1 (the stack's SNR)")
 
@@ -338,6 +344,8 @@ def train_denoiser(
             if cfg.method == "n2n" and cfg.swap_pairs:
                 batch = _swap_pairs(batch, gen)
             c = None if cond is None else torch.from_numpy(cond[pick])
+            if c is not None and cfg.condition_jitter:
+                c = c + cfg.condition_jitter * torch.randn(c.shape, generator=gen)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 loss = _loss(model, cfg, batch, gen, device, c)
             opt.zero_grad(set_to_none=True)

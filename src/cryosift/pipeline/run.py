@@ -184,7 +184,10 @@ class _Runner:
 
             model, meta = load_model(cfg.denoise, "cpu")
             try:
-                NetworkFilter(model, meta, torch.device("cpu")).check(self.pixel_size, self.box)
+                # check() reads the box and pixel size only: any SNR will do for a conditioned
+                # model (the stage estimates the stack's own when it runs)
+                NetworkFilter(model, meta, torch.device("cpu"), snr=1.0).check(
+                    self.pixel_size, self.box)
             except CryosiftError as err:
                 raise InputError(f"denoising model {cfg.denoise}: {err}", cfg.input) from err
         if cfg.screen not in ("auto", "none"):
