@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import tempfile
 
 import mrcfile
 import numpy as np
@@ -17,8 +18,10 @@ from cryosift.denoise.networks import UNet, UNetConfig
 from cryosift.denoise.training import (
     TrainConfig,
     WeightAverage,
+    _crops,
     _loss,
     _swap_pairs,
+    batch_for_box,
     n2v_mask,
     train_denoiser,
 )
@@ -102,6 +105,37 @@ def test_training_raises_psnr_and_writes_a_loadable_model(pairs, tmp_path, metho
     assert tta_gain > 0
     saved = json.loads((tmp_path / "m" / "training.json").read_text())
     assert saved["train_config"]["method"] == method
+
+
+def test_crop_zero_trains_on_whole_boxes_with_a_batch_scaled_to_the_box():
+    stack = np.arange(5 * 24 * 24, dtype=np.float32).reshape(5, 24, 24)  # unique values
+    (whole,) = _crops([stack], np.array([1, 3]), 0, torch.Generator().manual_seed(0))
+    assert whole.shape == (2, 1, 24, 24)
+    for got, want in zip(whole[:, 0].numpy(), stack[[1, 3]], strict=True):
+        assert np.array_equal(np.sort(got, axis=None), np.sort(want, axis=None))  # rot/flip only
+    assert _crops([stack], np.array([0]), 16, torch.Generator())[0].shape == (1, 1, 16, 16)
+    # as many pixels per step as 32 crops of 64 px, never fewer than 8 images
+    assert [batch_for_box(b) for b in (32, 64, 128, 256)] == [32, 32, 8, 8]
+    assert batch_for_box(96) == 14 and batch_for_box(256, crop=64) == 32
+    with pytest.raises(CryosiftError, match="whole box"):
+        TrainConfig(crop=4).validate()
+
+
+def test_whole_box_training_learns_that_the_box_edges_are_background(pairs):
+    """Particles sit at the box centre: trained on whole boxes, the network cleans the outer
+    ring of the box (clean there is ~0), which random 16-px crops cannot teach it (they do not
+    tell the network where the box edge is). Measured: ring MSE 3.7-4.4x lower over 2 seeds."""
+    a, b, clean = _stacks(pairs)
+    ring = np.ones((32, 32), bool)
+    ring[5:-5, 5:-5] = False
+    err = {}
+    for crop in (0, 16):
+        cfg = TrainConfig(method="n2n", **{**TINY, "crop": crop, "steps_per_epoch": 30})
+        with tempfile.TemporaryDirectory() as tmp:
+            train_denoiser(a, tmp, cfg, images_b=b)
+            model, _ = load_model(tmp)
+        err[crop] = float(np.mean((denoise_array(model, a) - clean)[:, ring] ** 2))
+    assert err[0] < 0.5 * err[16]
 
 
 @pytest.mark.parametrize("ema", [0.0, 0.9])

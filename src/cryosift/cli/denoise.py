@@ -55,8 +55,11 @@ def command() -> None:
     help="Second noisy copy of every image (same order): even/odd sums, or simulate --pairs.",
 )
 @click.option("--epochs", type=int, default=None, help="Epochs [n2n/n2v: 30; cdae: 5 per block].")
-@click.option("--batch-size", default=32, show_default=True)
-@click.option("--crop", default=64, show_default=True, help="Training crop size (px).")
+@click.option("--batch-size", type=int, default=None,
+              help="Images per step [32 at boxes up to 64 px, fewer for larger crops, at least 8].")
+@click.option("--crop", default=0, show_default=True,
+              help="Training crop size (px); 0 = the whole box, so the network learns that the "
+              "box edges are background (smaller crops: cheaper steps on large boxes).")
 @click.option("--lr", default=1e-3, show_default=True, help="Adam learning rate.")
 @click.option("--depth", type=int, default=None,
               help="U-Net levels [4]; given, it trains from random weights (no --init).")
@@ -121,7 +124,7 @@ def train(
     by default fine-tuning the shipped general model; or fine-tune a pre-trained CDAE on it."""
     import numpy as np
 
-    from cryosift.denoise.training import TrainConfig, train_denoiser
+    from cryosift.denoise.training import TrainConfig, batch_for_box, train_denoiser
     from cryosift.device import select_device
     from cryosift.errors import CryosiftError
     from cryosift.io import open_source
@@ -142,7 +145,7 @@ def train(
     cfg = TrainConfig(
         method="n2v" if method == "cdae" else method,  # validated here, unused for cdae
         epochs=opts["epochs"],
-        batch_size=opts["batch_size"],
+        batch_size=opts["batch_size"] or 32,
         crop=opts["crop"],
         lr=opts["lr"],
         depth=opts["depth"] or 4,
@@ -166,6 +169,8 @@ def train(
             f"--pairs {pairs}: {len(src_b)} images of {src_b.box} px, but {stack} "
             f"holds {len(src)} of {src.box} px"
         )
+    if opts["batch_size"] is None and method != "cdae":
+        cfg.batch_size = batch_for_box(src.box, cfg.crop)
     idx = np.arange(len(src))
     if len(idx) > max_images:
         idx = np.sort(
@@ -182,7 +187,7 @@ def train(
         from cryosift.denoise.cdae import finetune_and_save
 
         finetune_and_save(pretrained, images, model_dir, src.pixel_size, k=k,
-                          epochs=opts["epochs"], batch_size=opts["batch_size"], lr=opts["lr"],
+                          epochs=opts["epochs"], batch_size=opts["batch_size"] or 32, lr=opts["lr"],
                           seed=opts["seed"], histeq=histeq, device=dev, provenance=record)
         log.info("fine-tuned cascade in %s", model_dir / "model.pt")
         return

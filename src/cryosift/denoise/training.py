@@ -8,7 +8,10 @@
   artefacts) and the loss is taken on those pixels only. Validation: the same masked loss on
   held-out images (again the true error plus sigma^2 in expectation, for pixel-independent noise).
 
-Training samples random square crops (default 64 px) with flips and 90-degree rotations. A
+Training samples square crops with flips and 90-degree rotations: by default the whole box
+(``crop=0``), which keeps every particle centred where it was picked, so the network learns that
+the box's edges are background and cleans them (P10, 64 px, SNR 0.1: N2N 23.8 dB on random 48-px
+crops, 25.8 on whole boxes); a smaller crop is cheaper per step for large boxes. A
 checkpoint is written atomically after every epoch (weights, architecture, optimiser, epoch, RNG
 states, history) and `resume=True` continues from it; the best model by validation loss is kept
 as model.pt; early stopping ends training after `patience` epochs without improvement.
@@ -43,7 +46,7 @@ class TrainConfig:
     method: str = "n2v"  # "n2n" or "n2v"
     epochs: int = 30
     batch_size: int = 32
-    crop: int = 64
+    crop: int = 0  # px; 0 = the whole box (see the module docstring)
     lr: float = 1e-3
     val_fraction: float = 0.1
     patience: int = 5
@@ -80,8 +83,10 @@ class TrainConfig:
     def validate(self) -> None:
         if self.method not in ("n2n", "n2v"):
             raise CryosiftError(f"unknown training method {self.method!r} (n2n or n2v)")
-        if self.epochs < 1 or self.batch_size < 1 or self.crop < 8:
-            raise CryosiftError("--epochs and --batch-size must be >= 1 and the crop >= 8 px")
+        if self.epochs < 1 or self.batch_size < 1 or self.crop < 0 or 0 < self.crop < 8:
+            raise CryosiftError(
+                "--epochs and --batch-size must be >= 1 and the crop 0 (whole box) or >= 8 px"
+            )
         if not 0 < self.val_fraction < 0.5:
             raise CryosiftError("--val-fraction must lie in (0, 0.5)")
         if self.n2v_replace not in ("uniform", "median"):
@@ -98,6 +103,14 @@ class TrainConfig:
             raise CryosiftError("conditions must be 0 or 1 (the stack's SNR)")
 
 
+def batch_for_box(box: int, crop: int = 0, per_64px: int = 32, least: int = 8) -> int:
+    """Batch size for crops of ``crop`` px (0: the whole ``box``) that holds about as many
+    pixels as ``per_64px`` crops of 64 px (never fewer than ``least`` images), so a step
+    costs about the same at any box size."""
+    c = box if crop <= 0 else min(crop, box)
+    return max(least, round(per_64px * (64 / c) ** 2)) if c > 64 else per_64px
+
+
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Random flip and 90-degree rotation of a whole batch (same for paired stacks: caller)."""
     k = int(torch.randint(0, 4, (1,), generator=gen))
@@ -110,9 +123,10 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 def _crops(
     stacks: list[np.ndarray], idx: np.ndarray, crop: int, gen: torch.Generator
 ) -> list[torch.Tensor]:
-    """The same random crop (and augmentation) of images idx from each stack: (B, 1, c, c)."""
+    """The same random crop (and augmentation) of images idx from each stack: (B, 1, c, c);
+    ``crop`` 0 (or >= the box): the whole images."""
     box = stacks[0].shape[-1]
-    c = min(crop, box)
+    c = box if crop <= 0 else min(crop, box)
     y0 = torch.randint(0, box - c + 1, (len(idx),), generator=gen)
     x0 = torch.randint(0, box - c + 1, (len(idx),), generator=gen)
     rows = y0[:, None] + torch.arange(c)[None]

@@ -309,7 +309,7 @@ class _Runner:
 
     def _train_denoiser(self, method: str, images: str, pairs: str | None, model_dir: Path,
                         resume: bool) -> dict[str, Any]:
-        from cryosift.denoise.training import TrainConfig, train_denoiser
+        from cryosift.denoise.training import TrainConfig, batch_for_box, train_denoiser
         from cryosift.provenance import provenance_record
 
         cfg = self.cfg
@@ -318,11 +318,13 @@ class _Runner:
         if len(idx) > cfg.denoise_max_images:
             rng = np.random.default_rng(cfg.seed)
             idx = np.sort(rng.choice(len(idx), cfg.denoise_max_images, replace=False))
-        crop = min(64, src.box - src.box % 8)
         init = "" if cfg.denoise_init.lower() == "none" else cfg.denoise_init
         # a fixed budget, cosine learning rate and averaged weights, as the benchmarks train
         # (at low SNR the validation loss is too noisy to pick epochs by)
-        tcfg = TrainConfig(method=method, epochs=cfg.denoise_epochs, crop=crop,
+        # whole boxes (the network learns that the box edges are background), with as many
+        # pixels per step as 32 crops of 64 px
+        tcfg = TrainConfig(method=method, epochs=cfg.denoise_epochs, crop=0,
+                           batch_size=batch_for_box(src.box),
                            steps_per_epoch=cfg.denoise_steps_per_epoch,
                            patience=cfg.denoise_epochs, seed=cfg.seed, init=init,
                            schedule="cosine", ema=RUN_EMA)
