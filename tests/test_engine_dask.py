@@ -125,14 +125,14 @@ def test_filter_on_dask_equals_in_process(dataset, cluster, tmp_path):
     assert sorted(os.listdir(b.parent)) == ["out.mrcs", "out.star", "out_filter.json"]
 
 
-@pytest.mark.parametrize("tta", [False, True])
-def test_denoise_apply_on_dask_equals_in_process(dataset, cluster, tmp_path, tta):
+@pytest.mark.parametrize(("tta", "sure"), [(False, False), (True, False), (False, True)])
+def test_denoise_apply_on_dask_equals_in_process(dataset, cluster, tmp_path, tta, sure):
     from cryosift.denoise.apply import denoise_source
 
     a = denoise_source("general", dataset, tmp_path / "a" / "den.star", chunk_size=CHUNK,
-                       tta=tta)
+                       tta=tta, sure=sure)
     b = denoise_source("general", dataset, tmp_path / "b" / "den.star", chunk_size=CHUNK,
-                       scheduler=cluster.scheduler_address, tta=tta)
+                       scheduler=cluster.scheduler_address, tta=tta, sure=sure)
     _same_bytes(a.with_suffix(".mrcs"), b.with_suffix(".mrcs"))
     _same_bytes(a, b)
 

@@ -122,6 +122,13 @@ def test_rerun_reuses_unchanged_stages_and_redoes_changed_ones(finished, data, t
     st = _stages(out)
     assert [st[s]["status"] for s in STAGES] == ["reused", "done", "reused", "reused", "done"]
     assert '"tta": true' in (out / "denoise" / "denoised_filter.json").read_text()
+    # so does the SURE output stage, and its fitted blend is recorded beside the output
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CRYOSIFT_NO_PROGRESS", "1")
+        assert run_cli([*args, "--denoise-tta", "--denoise-sure"]) == 0
+    st = _stages(out)
+    assert [st[s]["status"] for s in STAGES] == ["reused", "done", "reused", "reused", "done"]
+    assert '"sure_blend"' in (out / "denoise" / "denoised_filter.json").read_text()
 
 
 def test_run_denoises_with_the_covariance_wiener_filter(finished, data, tmp_path):
@@ -143,6 +150,17 @@ def test_run_denoises_with_the_covariance_wiener_filter(finished, data, tmp_path
     den = json.loads((out / "evaluate" / "metrics.json").read_text())["denoise"]
     assert den["denoised"]["cc"] > den["raw"]["cc"] + 0.2  # 4 views: the covariance is low-rank
     assert st["denoise"]["outputs"] == {"star": "denoise/denoised.star"}  # no model trained
+
+
+def test_run_refuses_a_sure_stage_without_a_network(finished, data, tmp_path, capsys):
+    _, star, _ = data
+    out = tmp_path / "cwf_sure"
+    args = _args(star, out)
+    args[args.index("--denoise") + 1] = "cwf"
+    assert run_cli([*args, "--denoise-sure"]) == 2
+    err = capsys.readouterr().err
+    assert "denoise_sure" in err and "cwf" in err and err.strip().count("\n") == 0
+    assert not out.exists()  # refused before anything is written
 
 
 def test_config_file_mirrors_flags_and_rejects_unknown_keys(finished, data, tmp_path, capsys):

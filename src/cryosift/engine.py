@@ -327,16 +327,18 @@ class FilterOp(_Op):
 class DenoiseOp(_Op):
     """A saved denoiser (absolute model path) applied as a NetworkFilter on ``device``
     (``tta``: averaged over the 8 rotations and flips; ``snr``: the stack's, for a
-    conditioned model, estimated once before the chunks are sent out)."""
+    conditioned model, estimated once before the chunks are sent out; ``blend``: the SURE
+    output stage, fitted once before the chunks are sent out)."""
 
     model_path: str
     device: str = "cpu"
     tta: bool = False
     snr: float | None = None  # the stack's SNR, for a conditioned model
+    blend: Any = None  # cryosift.denoise.sure.SureBlend (frozen, hashable) or None
 
     def key(self) -> tuple:
         return ("denoise", self.model_path, _mtime(self.model_path), self.device, self.tta,
-                self.snr)
+                self.snr, self.blend)
 
     def build(self, src: Any) -> ChunkFn:
         import torch
@@ -346,7 +348,8 @@ class DenoiseOp(_Op):
         from cryosift.filters.base import BatchContext
 
         model, meta = load_model(self.model_path, self.device)
-        filt = NetworkFilter(model, meta, torch.device(self.device), tta=self.tta, snr=self.snr)
+        filt = NetworkFilter(model, meta, torch.device(self.device), tta=self.tta, snr=self.snr,
+                             blend=self.blend)
         px = src.pixel_size
 
         def run(images: np.ndarray, start: int, stop: int) -> np.ndarray:

@@ -255,10 +255,17 @@ def resolve_init(method: str, init: str | None, depth: int | None, width: int | 
     help="The stack's SNR, for a model conditioned on it (the general model) [default: "
     "estimated from the noise in the image corners of up to 2,000 images].",
 )
+@click.option(
+    "--sure", is_flag=True,
+    help="Add an output stage fitted by Stein's unbiased risk estimate on up to 1,000 images: "
+    "per frequency band, the mix of the network's output and the noisy image with the lowest "
+    "estimated error against the clean images (none needed). Assumes white noise.",
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
 @engine_options
 def apply(stack: Path, model_ref: str, out_star: Path, chunk_size: int, tta: bool,
-          snr: float | None, device: str, scheduler: str, workers: int | None) -> None:
+          snr: float | None, sure: bool, device: str, scheduler: str,
+          workers: int | None) -> None:
     """Denoise a stack of any size in chunks; pixel size and STAR metadata are kept."""
     from cryosift.denoise.apply import denoise_source
     from cryosift.device import select_device
@@ -267,7 +274,7 @@ def apply(stack: Path, model_ref: str, out_star: Path, chunk_size: int, tta: boo
     check_scheduler(scheduler)
     out = denoise_source(
         model_ref, stack, out_star, device=select_device(device), chunk_size=chunk_size,
-        scheduler=scheduler, workers=workers, tta=tta, snr=snr,
+        scheduler=scheduler, workers=workers, tta=tta, snr=snr, sure=sure,
     )
     log.info("wrote %s", out)
 

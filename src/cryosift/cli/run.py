@@ -38,6 +38,8 @@ log = logging.getLogger("cryosift")
 @click.option("--denoise-tta/--no-denoise-tta", default=False, show_default=True,
               help="Average the denoiser over the 8 rotations and flips of each image (better "
               "at low SNR, 8x the apply compute).")
+@click.option("--denoise-sure/--no-denoise-sure", default=False, show_default=True,
+              help="Add the denoiser's SURE-fitted output stage (see `denoise apply --sure`).")
 @click.option("--screen", default="auto", show_default=True,
               help="auto (train when --screen-labels or --good-classes is given, else skip), "
               "none, or a model folder from `cryosift screen train`.")

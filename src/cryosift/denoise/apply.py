@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from cryosift.denoise.networks import snr_condition
+from cryosift.denoise.sure import SureBlend, fit_sure_blend
 from cryosift.errors import CryosiftError
 from cryosift.filters.base import BatchContext, Filter
 from cryosift.filters.parallel import in_worker, run_on_threads, single_threaded_torch
@@ -43,15 +44,18 @@ class NetworkFilter(Filter):
         batch: int | None = None,
         tta: bool = False,
         snr: float | None = None,
+        blend: SureBlend | None = None,
     ) -> None:
         """``batch``: images per forward pass; default :data:`BATCH_PIXELS` pixels' worth (16
         images of 64 px, 4 of 128 px), which bounds the activations' memory. ``tta``: average
         the network's output over the 8 rotations and flips of each image
         (:func:`dihedral_average`; 8x the compute). ``snr``: the stack's SNR, which a
-        conditioned model (the general one) needs (:func:`stack_snr` estimates it)."""
+        conditioned model (the general one) needs (:func:`stack_snr` estimates it). ``blend``:
+        a SURE-fitted output stage (:func:`fit_blend`), applied to the network's output."""
         self.model, self.meta, self.device, self.batch = model, meta, device, batch
         self.tta = bool(tta)
         self.snr = snr
+        self.blend = blend
         self.net = model
         if is_conditioned(model):
             if snr is None:
@@ -66,7 +70,8 @@ class NetworkFilter(Filter):
 
     def params(self) -> dict[str, Any]:
         return {"model": self.meta, "device": str(self.device), "tta": self.tta,
-                **({"snr": self.snr} if self.snr is not None else {})}
+                **({"snr": self.snr} if self.snr is not None else {}),
+                **({"sure_blend": self.blend.record()} if self.blend is not None else {})}
 
     def check(self, pixel_size: float | None, box: int) -> None:
         span = self.meta.get("pixel_size_range")  # models trained across pixel sizes
@@ -119,7 +124,31 @@ class NetworkFilter(Filter):
             from cryosift.denoise.cdae import histeq_keep_range
 
             out = histeq_keep_range(out)
+        if self.blend is not None:
+            out = self.blend.apply(images, out)
         return out
+
+
+#: images of a stack the SURE blend is fitted on (spread evenly over it)
+SURE_FIT_IMAGES = 1000
+
+
+def fit_blend(filt: NetworkFilter, source: Any, max_images: int = SURE_FIT_IMAGES,
+              seed: int = 0) -> SureBlend:
+    """The SURE-fitted output stage (:mod:`cryosift.denoise.sure`) of ``filt`` on up to
+    ``max_images`` images spread evenly over ``source`` (an array or an ImageSource): per
+    radial frequency band, the mix of the network's output and the noisy image with the
+    lowest estimated error against the (unseen) clean images."""
+    n = len(source)
+    idx = np.unique(np.linspace(0, n - 1, min(n, max_images)).round().astype(np.int64))
+    pick = source.images(idx) if hasattr(source, "images") else np.asarray(source)[idx]
+    plain = NetworkFilter(filt.model, filt.meta, filt.device, filt.batch, tta=filt.tta,
+                          snr=filt.snr)
+    ctx = BatchContext(pixel_size=getattr(source, "pixel_size", None))
+    blend = fit_sure_blend(lambda y: plain(y, ctx), np.asarray(pick, dtype=np.float32),
+                           seed=seed)
+    log.info("%s", blend.summary())
+    return blend
 
 
 def dihedral_average(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -168,13 +197,17 @@ def denoise_array(
     batch: int | None = None,
     tta: bool = False,
     snr: float | None = None,
+    sure: bool = False,
 ) -> np.ndarray:
     """Denoise an in-memory stack (N, box, box) -> float32 array of the same shape (``tta``:
     average over the 8 rotations and flips, :func:`dihedral_average`; ``snr``: for a
-    conditioned model, the stack's SNR, estimated from the images when not given)."""
+    conditioned model, the stack's SNR, estimated from the images when not given; ``sure``:
+    add the SURE-fitted output stage, :func:`fit_blend`)."""
     images = np.asarray(images, dtype=np.float32)
     snr = stack_snr(model, images, snr)
     filt = NetworkFilter(model, {}, torch.device(device), batch, tta=tta, snr=snr)
+    if sure:
+        filt.blend = fit_blend(filt, images)
     return filt(images, BatchContext(pixel_size=None))
 
 
@@ -189,6 +222,7 @@ def denoise_source(
     workers: int | None = None,
     tta: bool = False,
     snr: float | None = None,
+    sure: bool = False,
 ) -> Path:
     """Stream `source` (.star/.mrcs/array) through a saved model into OUT.star + OUT.mrcs.
 
@@ -196,7 +230,8 @@ def denoise_source(
     :mod:`cryosift.engine`); on a cluster every worker loads the model from its path once.
     ``tta``: average over the 8 rotations and flips of each image (8x the compute).
     ``snr``: for a conditioned model (the general one), the stack's SNR; estimated from up to
-    2,000 of its images when not given.
+    2,000 of its images when not given. ``sure``: fit the SURE output stage on up to
+    :data:`SURE_FIT_IMAGES` images first (:func:`fit_blend`) and apply it to every image.
     """
     from cryosift.denoise.model_io import load_model, resolve_model_path
     from cryosift.engine import DenoiseOp
@@ -206,10 +241,13 @@ def denoise_source(
     model, meta = load_model(model_ref, device)
     source = open_source(source)
     snr = stack_snr(model, source, snr)
-    task = DenoiseOp(
-        str(resolve_model_path(model_ref).resolve()), str(torch.device(device)), tta=tta, snr=snr
-    )
     filt = NetworkFilter(model, meta, torch.device(device), tta=tta, snr=snr)
+    if sure:
+        filt.blend = fit_blend(filt, source)
+    task = DenoiseOp(
+        str(resolve_model_path(model_ref).resolve()), str(torch.device(device)), tta=tta, snr=snr,
+        blend=filt.blend,
+    )
     return apply_filter_to_source(
         source, filt, out_star, chunk_size,
         scheduler=scheduler, workers=workers, task=task,

@@ -869,10 +869,11 @@ def _starting_model(
     return pretrained_cached(kind, box, pixel_size, **pre)
 
 
-_RESULTS: OrderedDict[str, tuple[np.ndarray, dict]] = OrderedDict()  # cdae and cdae+histeq share
+# cdae, cdae+histeq and cdae+sure share one fine-tuned model: (model, its output, record)
+_RESULTS: OrderedDict[str, tuple[CDAE, np.ndarray, dict]] = OrderedDict()
 
 
-def _bench(kind: str, histeq: bool):
+def _bench(kind: str, histeq: bool, sure: bool = False):
     pre_keys = ("n_per_view", "views", "pretrain_epochs", "widths", "pretrain_seed")
 
     def factory(**params: Any):
@@ -902,11 +903,18 @@ def _bench(kind: str, histeq: bool):
                 info = {"pretrained": str(folder), "pretrain_load_seconds": t1 - t0,
                         "finetune_seconds": summary["seconds"],
                         "finetune_best_epochs": [b["best_epoch"] for b in summary["blocks"]]}
-                _RESULTS[key] = (out, info)
+                _RESULTS[key] = (model, out, info)
                 while len(_RESULTS) > 2:
                     _RESULTS.popitem(last=False)
-            out, info = _RESULTS[key]
-            run.params = {**params, "histeq": histeq, **info}  # type: ignore[attr-defined]
+            model, out, info = _RESULTS[key]
+            run.params = {  # type: ignore[attr-defined]
+                **params, "histeq": histeq, "sure": sure, **info}
+            if sure:
+                from cryosift.denoise.sure import fit_sure_blend
+
+                blend = fit_sure_blend(lambda y: cdae_denoise(model, y), noisy, seed=task.seed)
+                run.params["sure_blend"] = blend.record()  # type: ignore[attr-defined]
+                return blend.apply(noisy, out)
             return histeq_keep_range(out) if histeq else out.copy()
 
         return run
@@ -930,15 +938,18 @@ _KINDS = {
                 "k-nearest-neighbour means only, as 004's own single-DAE baseline (section 4.3); "
                 "as many epochs as the cascade's three blocks", 3),
 }
+#: (suffix, histogram-equalised, SURE output stage) of each kind's bench rows
+_VARIANTS = (("", False, False), ("+histeq", True, False), ("+sure", False, True))
 for _kind, (_label, _training, _epochs) in _KINDS.items():
-    for _histeq in (False, True):
+    for _suffix, _histeq, _sure in _VARIANTS:
         register(
             Method(
                 "denoiser",
-                _kind + ("+histeq" if _histeq else ""),
-                _bench(_kind, _histeq),
+                _kind + _suffix,
+                _bench(_kind, _histeq, _sure),
                 f"{_label} (seed 004): {_training}"
-                f"{', histogram-equalised' if _histeq else ''}",
+                f"{', histogram-equalised' if _histeq else ''}"
+                f"{', with the SURE-fitted output stage (cryosift.denoise.sure)' if _sure else ''}",
                 defaults={**BENCH_DEFAULTS, "epochs": _epochs * BENCH_DEFAULTS["epochs"]},
                 quick={**BENCH_QUICK, "epochs": _epochs * BENCH_QUICK["epochs"]},
             )

@@ -1,9 +1,10 @@
 """Learned denoisers registered for `cryosift bench` (trained on the benchmark's own noisy data).
 
-Each comes twice: plain, and ``+tta`` (the same model's output averaged over the 8 rotations
-and flips, :func:`cryosift.denoise.apply.dihedral_average`). Within one benchmark run the two
-share one trained model (cached by method, parameters, seed and the images' hash), so the
-rows differ only by the averaging.
+Each comes as plain, ``+tta`` (the same model's output averaged over the 8 rotations and flips,
+:func:`cryosift.denoise.apply.dihedral_average`) and ``+sure`` (with the output stage fitted by
+Stein's unbiased risk estimate on the stack, :mod:`cryosift.denoise.sure`). Within one benchmark
+run they share one trained model (cached by method, parameters, seed and the images' hash), so
+the rows differ only by what is done to its output.
 """
 
 from __future__ import annotations
@@ -58,12 +59,12 @@ def _train_once(method: str, task: DenoiseTask, params: dict) -> tuple[torch.nn.
     return _MODELS[key]
 
 
-def _trained(method: str, tta: bool = False):
+def _trained(method: str, tta: bool = False, sure: bool = False):
     def factory(**params: Any):
         def run(task: DenoiseTask) -> np.ndarray:
             model, record = _train_once(method, task, params)
-            run.params = {**record, "tta": tta}  # type: ignore[attr-defined]
-            return denoise_array(model, task.noisy, tta=tta)
+            run.params = {**record, "tta": tta, "sure": sure}  # type: ignore[attr-defined]
+            return denoise_array(model, task.noisy, tta=tta, sure=sure)
 
         return run
 
@@ -90,20 +91,24 @@ BENCH_QUICK = {"epochs": 5, "steps_per_epoch": 50}
 FINE_TUNE = {"init": "general"}
 
 _TTA = ", averaged over the 8 rotations and flips"
+_SURE = ", with the SURE-fitted output stage (cryosift.denoise.sure)"
 _START = {
     "": (" (fine-tuned from the shipped general model)", FINE_TUNE),
     "-scratch": (" (from random weights)", {}),
 }
+#: (suffix, tta, sure) of the variants of each start: plain, +tta and, fine-tuned only, +sure
+_VARIANTS = {"": (("", False, False), ("+tta", True, False), ("+sure", False, True)),
+             "-scratch": (("", False, False), ("+tta", True, False))}
 for _start, (_how, _init) in _START.items():
-    for _tta in (False, True):
-        _suffix = _start + ("+tta" if _tta else "")
+    for _variant, _tta, _sure in _VARIANTS[_start]:
+        _suffix = _start + _variant
+        _what = _how + (_TTA if _tta else "") + (_SURE if _sure else "")
         register(
             Method(
                 "denoiser",
                 "n2n" + _suffix,
-                _trained("n2n", _tta),
-                "Noise2Noise U-Net (seed 003) trained on the two noise realisations"
-                + _how + (_TTA if _tta else ""),
+                _trained("n2n", _tta, _sure),
+                "Noise2Noise U-Net (seed 003) trained on the two noise realisations" + _what,
                 needs=frozenset({"pairs"}),
                 defaults={**BENCH_TRAINING, **_init},
                 quick=BENCH_QUICK,
@@ -113,38 +118,60 @@ for _start, (_how, _init) in _START.items():
             Method(
                 "denoiser",
                 "n2v" + _suffix,
-                _trained("n2v", _tta),
-                "Noise2Void U-Net (blind-spot, single noisy images)" + _how
-                + (_TTA if _tta else ""),
+                _trained("n2v", _tta, _sure),
+                "Noise2Void U-Net (blind-spot, single noisy images)" + _what,
                 defaults={**BENCH_TRAINING, **_init},
                 quick=BENCH_QUICK,
             )
         )
 
 
-def _shipped(name: str, tta: bool = False):
+def _shipped(name: str, tta: bool = False, sure: bool = False):
     def factory(**params: Any):
         def run(task: DenoiseTask) -> np.ndarray:
             from cryosift.denoise.model_io import load_model
 
             model, meta = load_model(name)
             run.params = {  # type: ignore[attr-defined]
-                "model": name, "recipe": meta.get("recipe"), "tta": tta,
+                "model": name, "recipe": meta.get("recipe"), "tta": tta, "sure": sure,
             }
-            return denoise_array(model, task.noisy, tta=tta)
+            return denoise_array(model, task.noisy, tta=tta, sure=sure)
 
         return run
 
     return factory
 
 
-for _tta in (False, True):
+for _variant, _tta, _sure in _VARIANTS[""]:
     register(
         Method(
             "denoiser",
-            "general" + ("+tta" if _tta else ""),
-            _shipped("general", _tta),
+            "general" + _variant,
+            _shipped("general", _tta, _sure),
             "shipped general Noise2Noise U-Net (4 other proteins, SNR 0.01-0.5, no training "
-            "here)" + (_TTA if _tta else ""),
+            "here)" + (_TTA if _tta else "") + (_SURE if _sure else ""),
         )
     )
+
+
+def _sure_wiener(**params: Any):
+    def run(task: DenoiseTask) -> np.ndarray:
+        from cryosift.denoise.sure import fit_sure_blend
+
+        noisy = np.asarray(task.noisy, dtype=np.float32)
+        blend = fit_sure_blend(np.zeros_like, noisy, seed=task.seed)
+        run.params = {"sure_blend": blend.record()}  # type: ignore[attr-defined]
+        return blend.apply(noisy, np.zeros_like(noisy))
+
+    return run
+
+
+register(
+    Method(
+        "denoiser",
+        "sure_wiener",
+        _sure_wiener,
+        "radial Wiener filter fitted on the stack by Stein's unbiased risk estimate (the linear "
+        "part of the +sure output stage alone; no network, no clean images)",
+    )
+)

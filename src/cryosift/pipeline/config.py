@@ -49,6 +49,7 @@ class RunConfig:
     denoise_steps_per_epoch: int = 100
     denoise_max_images: int = 5000  # train on at most this many images (a random subset)
     denoise_tta: bool = False  # average over the 8 rotations and flips (8x the apply compute)
+    denoise_sure: bool = False  # add the SURE-fitted output stage (cryosift.denoise.sure)
     # screen: auto (train when screen_labels or good_classes is given, else none), none,
     # or a model folder from `cryosift screen train`
     screen: str = "auto"

@@ -178,6 +178,8 @@ class _Runner:
         """Models and training sets named by the config must exist and fit the images (box,
         pixel size) before anything runs: a mismatch found at stage 3 would leave a half run."""
         cfg = self.cfg
+        if cfg.denoise_sure and cfg.denoise in ("none", *DENOISE_FITTED):
+            raise CryosiftError(f"denoise_sure needs a network denoiser, not {cfg.denoise!r}")
         if cfg.denoise not in ("auto", "none", *DENOISE_TRAINED, *DENOISE_FITTED):
             from cryosift.denoise.apply import NetworkFilter
             from cryosift.denoise.model_io import load_model
@@ -275,6 +277,8 @@ class _Runner:
         params: dict[str, Any] = {"method": method}
         if cfg.denoise_tta:  # only when set, so the stage hashes of earlier runs still match
             params["tta"] = True
+        if cfg.denoise_sure:
+            params["sure"] = True
         if method in DENOISE_TRAINED:
             outputs["model"] = "denoise/model/model.pt"
             params.update(epochs=cfg.denoise_epochs, steps_per_epoch=cfg.denoise_steps_per_epoch,
@@ -297,7 +301,7 @@ class _Runner:
                                                          extra["resume"])
                 model_ref = model_dir
             denoise_source(model_ref, images, self.out / outputs["star"], self.device,
-                           cfg.chunk_size, tta=cfg.denoise_tta)
+                           cfg.chunk_size, tta=cfg.denoise_tta, sure=cfg.denoise_sure)
 
         inputs = _files_read(images) + _files_read(pairs)
         if method not in (*DENOISE_TRAINED, *DENOISE_FITTED):
