@@ -110,7 +110,7 @@ def gather_statistics(
     box = images.shape[-1]
     eps = PROBE_STEP * math.sqrt(noise_var)
     rng = np.random.default_rng(seed)
-    parts: list[list[torch.Tensor]] = [[], [], [], [], []]
+    parts: list[list[torch.Tensor]] = [[], [], [], []]  # ff, fy, yy, div per ring
     for start in range(0, len(images), FIT_CHUNK):
         y = images[start : start + FIT_CHUNK]
         probe = rng.standard_normal(y.shape).astype(np.float32)
@@ -121,12 +121,12 @@ def gather_statistics(
         df = torch.fft.rfft2(torch.from_numpy((f1 - f0) / eps))
         bf = torch.fft.rfft2(torch.from_numpy(probe.astype(np.float64)))
         for part, val in zip(parts, (ff.abs() ** 2, (ff * yf.conj()).real, yf.abs() ** 2,
-                                     (bf * df.conj()).real), strict=False):
+                                     (bf * df.conj()).real), strict=True):
             part.append(_ring_sums(val, box))
     ring, weight, n_rings = _rfft_rings(box)
     count = np.bincount(ring.reshape(-1).numpy(), weights=weight.reshape(-1).numpy(),
                         minlength=n_rings)
-    ff, fy, yy, div = (torch.cat(p).numpy() for p in parts[:4])
+    ff, fy, yy, div = (torch.cat(p).numpy() for p in parts)
     return RingStatistics(ff, fy, yy, div, count)
 
 
