@@ -77,7 +77,11 @@ being autoencoders without skip connections, mostly lose detail (per block, 400 
 no simulated pre-training; bench method ``dae_knn``, 12 epochs) is as good again: bench B2
 --quick, PSNR dae_knn / dae / cdae: GroEL 20.07 / 19.74 / 19.17, SpCas9 23.18 / 23.11 / 22.91,
 T20S 21.47 / 21.51 / 21.48. On these stacks the k-NN-mean targets carry the gain, not the
-pre-training nor the cascade.
+pre-training nor the cascade. Full bench B2 (4,000 images per protein,
+`benchmarks/results/bench_B2`), PSNR single DAE / cascade on GroEL, SpCas9, T20S: plain
+20.47 / 19.97, 24.15 / 22.80, 22.28 / 21.91; with HEE 15.51 / 17.13, 9.58 / 11.38,
+15.00 / 16.59 (the cascade ahead on all three, as 004 reports with HEE); with the SURE output
+stage (:mod:`cryosift.denoise.sure`) 20.77 / 20.95, 24.36 / 24.11, 22.55 / 22.75.
 
 Weights are saved with :func:`save_cdae` as a state_dict plus metadata (architecture, number of
 blocks, pre-training parameters) and read back with ``torch.load(weights_only=True)`` by
