@@ -7,7 +7,13 @@ import json
 import numpy as np
 import pytest
 
-from cryosift.denoise.sure import RING_WIDTH, SureBlend, fit_sure_blend
+from cryosift.denoise.sure import (
+    RING_WIDTH,
+    WHITE_TOLERANCE,
+    SureBlend,
+    fit_sure_blend,
+    noise_colour,
+)
 from cryosift.errors import CryosiftError
 from cryosift.io import open_source
 from cryosift.metrics import psnr
@@ -134,16 +140,64 @@ def groel_low_snr(tmp_path_factory):
 
 
 def test_denoise_apply_sure_beats_the_general_model_alone(groel_low_snr, tmp_path, capsys):
+    """The stage is on by default on white noise (what --sure forces) and off with --no-sure."""
     clean = open_source(groel_low_snr / "clean.mrcs").images(slice(None))
     scores = {}
-    for name, extra in (("plain", []), ("sure", ["--sure"])):
+    for name, extra in (("plain", ["--no-sure"]), ("default", []), ("sure", ["--sure"])):
         out = tmp_path / f"{name}.star"
         code = run_cli(["-q", "denoise", "apply", str(groel_low_snr / "particles.star"),
                         "--model", "general", "-o", str(out), "--device", "cpu", *extra])
         assert code == 0, capsys.readouterr().err
         scores[name] = float(np.mean(psnr(open_source(out).images(slice(None)), clean)))
     assert scores["sure"] > scores["plain"] + 0.15, scores  # measured +0.30 dB
+    assert scores["default"] == scores["sure"], scores
     record = json.loads((tmp_path / "sure_filter.json").read_text())
     text = json.dumps(record)
     assert '"sure_blend"' in text and '"mse_blend"' in text
+    assert '"sure_blend"' in (tmp_path / "default_filter.json").read_text()
     assert '"sure_blend"' not in (tmp_path / "plain_filter.json").read_text()
+
+
+def _coloured(images: np.ndarray) -> np.ndarray:
+    """Images filtered by sinc(f): the noise power spectrum of a counting detector."""
+    f = np.fft.fftfreq(images.shape[-1])
+    mtf = np.sinc(np.hypot(f[:, None], f[None, :]))
+    return np.fft.ifft2(np.fft.fft2(images) * mtf).real.astype(np.float32)
+
+
+def test_noise_colour_tells_white_from_detector_noise():
+    noise = np.random.default_rng(3).standard_normal((300, 48, 48)).astype(np.float32)
+    assert abs(noise_colour(noise)) < 0.02  # sampling error ~3e-3 here
+    assert abs(noise_colour(5.0 * noise + 2.0)) < 0.02  # scale and offset do not matter
+    assert noise_colour(_coloured(noise)) < -2 * WHITE_TOLERANCE  # measured -0.24
+
+
+def test_default_stage_is_skipped_on_coloured_noise(tmp_path, capsys):
+    """With noise coloured like a detector's, the default leaves the network's output alone
+    and says why; --sure still fits the stage."""
+    from cryosift.io.mrc import write_mrcs
+
+    rng = np.random.default_rng(4)
+    stack = _coloured(rng.standard_normal((64, 64, 64)).astype(np.float32) * 3.0)
+    path = tmp_path / "coloured.mrcs"
+    write_mrcs(path, stack, pixel_size=3.0)
+    for name, extra in (("default", []), ("forced", ["--sure"])):
+        code = run_cli(["denoise", "apply", str(path), "--model", "general", "--snr", "0.05",
+                        "-o", str(tmp_path / f"{name}.star"), "--device", "cpu", *extra])
+        assert code == 0
+    err = capsys.readouterr().err
+    assert "SURE output stage skipped: the noise is not white" in err
+    assert '"sure_blend"' not in (tmp_path / "default_filter.json").read_text()
+    assert '"sure_blend"' in (tmp_path / "forced_filter.json").read_text()
+
+
+def test_default_stage_needs_enough_images_and_a_valid_choice():
+    from cryosift.denoise.apply import SURE_MIN_IMAGES, denoise_array
+    from cryosift.denoise.model_io import load_model
+
+    model, _ = load_model("general", "cpu")
+    few = np.random.default_rng(5).standard_normal((SURE_MIN_IMAGES - 1, 32, 32))
+    plain = denoise_array(model, few, snr=0.1, sure=False)
+    np.testing.assert_array_equal(denoise_array(model, few, snr=0.1, sure="auto"), plain)
+    with pytest.raises(CryosiftError, match="sure must be"):
+        denoise_array(model, few, snr=0.1, sure="yes")

@@ -256,15 +256,18 @@ def resolve_init(method: str, init: str | None, depth: int | None, width: int | 
     "estimated from the noise in the image corners of up to 2,000 images].",
 )
 @click.option(
-    "--sure", is_flag=True,
-    help="Add an output stage fitted by Stein's unbiased risk estimate on up to 1,000 images: "
-    "per frequency band, the mix of the network's output and the noisy image with the lowest "
-    "estimated error against the clean images (none needed). Assumes white noise.",
+    "--sure/--no-sure", default=None,
+    help="Output stage fitted by Stein's unbiased risk estimate on up to 1,000 images: per "
+    "frequency band, the mix of the network's output and the noisy image with the lowest "
+    "estimated error against the clean images (none needed). It assumes white noise: by "
+    "default it is fitted when the noise in the image corners is white (within 10% over "
+    "0.3-0.5 cycles/px), and skipped with a warning otherwise; --sure forces it, --no-sure "
+    "gives the network's output alone.",
 )
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
 @engine_options
 def apply(stack: Path, model_ref: str, out_star: Path, chunk_size: int, tta: bool,
-          snr: float | None, sure: bool, device: str, scheduler: str,
+          snr: float | None, sure: bool | None, device: str, scheduler: str,
           workers: int | None) -> None:
     """Denoise a stack of any size in chunks; pixel size and STAR metadata are kept."""
     from cryosift.denoise.apply import denoise_source
@@ -274,7 +277,8 @@ def apply(stack: Path, model_ref: str, out_star: Path, chunk_size: int, tta: boo
     check_scheduler(scheduler)
     out = denoise_source(
         model_ref, stack, out_star, device=select_device(device), chunk_size=chunk_size,
-        scheduler=scheduler, workers=workers, tta=tta, snr=snr, sure=sure,
+        scheduler=scheduler, workers=workers, tta=tta, snr=snr,
+        sure="auto" if sure is None else sure,
     )
     log.info("wrote %s", out)
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from cryosift.denoise.networks import snr_condition
-from cryosift.denoise.sure import SureBlend, fit_sure_blend
+from cryosift.denoise.sure import WHITE_TOLERANCE, SureBlend, fit_sure_blend, noise_colour
 from cryosift.errors import CryosiftError
 from cryosift.filters.base import BatchContext, Filter
 from cryosift.filters.parallel import in_worker, run_on_threads, single_threaded_torch
@@ -134,21 +134,66 @@ SURE_FIT_IMAGES = 1000
 
 
 def fit_blend(filt: NetworkFilter, source: Any, max_images: int = SURE_FIT_IMAGES,
-              seed: int = 0) -> SureBlend:
+              seed: int = 0, sure: bool | str = True) -> SureBlend | None:
     """The SURE-fitted output stage (:mod:`cryosift.denoise.sure`) of ``filt`` on up to
     ``max_images`` images spread evenly over ``source`` (an array or an ImageSource): per
     radial frequency band, the mix of the network's output and the noisy image with the
-    lowest estimated error against the (unseen) clean images."""
+    lowest estimated error against the (unseen) clean images.
+
+    ``sure``: True fits it; False returns None; "auto" fits it only when the noise in the
+    image corners is white within :data:`cryosift.denoise.sure.WHITE_TOLERANCE` (SURE's
+    assumption), and otherwise says why in the log and returns None."""
+    sure = check_sure(sure)
+    if sure is False:
+        return None
     n = len(source)
     idx = np.unique(np.linspace(0, n - 1, min(n, max_images)).round().astype(np.int64))
-    pick = source.images(idx) if hasattr(source, "images") else np.asarray(source)[idx]
+    pick = np.asarray(source.images(idx) if hasattr(source, "images") else
+                      np.asarray(source)[idx], dtype=np.float32)
+    if sure == "auto" and len(pick) < SURE_MIN_IMAGES:
+        log.info("SURE output stage skipped: %d images are too few to fit it on (at least %d)",
+                 len(pick), SURE_MIN_IMAGES)
+        return None
+    why = _not_white(pick) if sure == "auto" else ""
     plain = NetworkFilter(filt.model, filt.meta, filt.device, filt.batch, tta=filt.tta,
                           snr=filt.snr)
     ctx = BatchContext(pixel_size=getattr(source, "pixel_size", None))
-    blend = fit_sure_blend(lambda y: plain(y, ctx), np.asarray(pick, dtype=np.float32),
-                           seed=seed)
+    plain.check(ctx.pixel_size, pick.shape[-1])  # a model that does not fit the images is an error
+    try:
+        if why:
+            raise CryosiftError(why)
+        blend = fit_sure_blend(lambda y: plain(y, ctx), pick, seed=seed)
+    except CryosiftError as exc:
+        if sure is True:
+            raise
+        log.warning("SURE output stage skipped: %s. --sure fits it anyway, --no-sure "
+                    "silences this.", exc)
+        return None
     log.info("%s", blend.summary())
     return blend
+
+
+#: fewest images on which ``sure="auto"`` fits the stage (two halves for its cross-validation)
+SURE_MIN_IMAGES = 16
+
+
+def _not_white(images: np.ndarray) -> str:
+    """Why SURE's white-noise model does not fit ``images`` ("" when it does)."""
+    try:
+        colour = noise_colour(images)
+    except CryosiftError as exc:
+        return str(exc)
+    if abs(colour) > WHITE_TOLERANCE:
+        return (f"the noise is not white (its power changes by {100 * colour:+.0f}% from "
+                "0.3-0.4 to 0.4-0.5 cycles/px in the image corners; SURE assumes white noise)")
+    return ""
+
+
+def check_sure(sure: bool | str) -> bool | str:
+    """``sure`` as True, False or "auto" (what ``denoise apply --sure/--no-sure`` passes)."""
+    if isinstance(sure, bool) or sure == "auto":
+        return sure
+    raise CryosiftError(f"sure must be True, False or 'auto', got {sure!r}")
 
 
 def dihedral_average(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -197,17 +242,16 @@ def denoise_array(
     batch: int | None = None,
     tta: bool = False,
     snr: float | None = None,
-    sure: bool = False,
+    sure: bool | str = False,
 ) -> np.ndarray:
     """Denoise an in-memory stack (N, box, box) -> float32 array of the same shape (``tta``:
     average over the 8 rotations and flips, :func:`dihedral_average`; ``snr``: for a
     conditioned model, the stack's SNR, estimated from the images when not given; ``sure``:
-    add the SURE-fitted output stage, :func:`fit_blend`)."""
+    add the SURE-fitted output stage, :func:`fit_blend`; "auto": when the noise is white)."""
     images = np.asarray(images, dtype=np.float32)
     snr = stack_snr(model, images, snr)
     filt = NetworkFilter(model, {}, torch.device(device), batch, tta=tta, snr=snr)
-    if sure:
-        filt.blend = fit_blend(filt, images)
+    filt.blend = fit_blend(filt, images, sure=sure)
     return filt(images, BatchContext(pixel_size=None))
 
 
@@ -222,7 +266,7 @@ def denoise_source(
     workers: int | None = None,
     tta: bool = False,
     snr: float | None = None,
-    sure: bool = False,
+    sure: bool | str = "auto",
 ) -> Path:
     """Stream `source` (.star/.mrcs/array) through a saved model into OUT.star + OUT.mrcs.
 
@@ -231,7 +275,8 @@ def denoise_source(
     ``tta``: average over the 8 rotations and flips of each image (8x the compute).
     ``snr``: for a conditioned model (the general one), the stack's SNR; estimated from up to
     2,000 of its images when not given. ``sure``: fit the SURE output stage on up to
-    :data:`SURE_FIT_IMAGES` images first (:func:`fit_blend`) and apply it to every image.
+    :data:`SURE_FIT_IMAGES` images first (:func:`fit_blend`) and apply it to every image;
+    "auto" (the default): only when the noise in the image corners is white.
     """
     from cryosift.denoise.model_io import load_model, resolve_model_path
     from cryosift.engine import DenoiseOp
@@ -242,8 +287,7 @@ def denoise_source(
     source = open_source(source)
     snr = stack_snr(model, source, snr)
     filt = NetworkFilter(model, meta, torch.device(device), tta=tta, snr=snr)
-    if sure:
-        filt.blend = fit_blend(filt, source)
+    filt.blend = fit_blend(filt, source, sure=sure)
     task = DenoiseOp(
         str(resolve_model_path(model_ref).resolve()), str(torch.device(device)), tta=tta, snr=snr,
         blend=filt.blend,

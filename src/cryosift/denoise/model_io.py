@@ -54,7 +54,11 @@ def read_weights_file(path: Path) -> Any:
     Shared by every model file cryosift reads (denoisers, cascades, screeners)."""
     if not path.is_file():
         raise InputError("model file not found", path)
-    if zipfile.is_zipfile(path):
+    try:  # is_zipfile itself raises on some damaged end records (e.g. a multi-disk flag)
+        is_zip = zipfile.is_zipfile(path)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise InputError(f"unreadable or corrupt model file (bad zip: {exc})", path) from exc
+    if is_zip:
         _check_zip(path)
     try:
         with warnings.catch_warnings():  # torch warns about odd pickle protocols: noise here

@@ -24,7 +24,11 @@ SNR 0.1: 22.13 -> 22.35 (Wiener oracle 21.97).
 
 Assumes the noise is white and Gaussian with one variance over the stack (SPEC's simulation
 model; the variance is estimated from the image corners when not given). Coloured noise (a
-detector's MTF, ice) would bias the estimate.
+detector's MTF, ice) would bias the estimate: :func:`noise_colour` measures how far the corners'
+noise power falls or rises across the high frequencies, where no particle signal reaches them,
+and ``denoise apply`` fits the stage by default only when that is within
+:data:`WHITE_TOLERANCE` (a detector's falling noise power spectrum fails the test; noise
+coloured at low frequency only would pass unseen).
 """
 
 from __future__ import annotations
@@ -49,6 +53,9 @@ BAND_WIDTHS = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 PROBE_STEP = 0.05
 #: images per forward pass while fitting
 FIT_CHUNK = 64
+#: the noise counts as white when its power in the corners at 0.4-0.5 cycles/px is within this
+#: fraction of the power at 0.3-0.4 cycles/px (:func:`noise_colour`)
+WHITE_TOLERANCE = 0.1
 
 Denoise = Callable[[np.ndarray], np.ndarray]
 
@@ -205,6 +212,38 @@ class SureBlend:
         f = torch.fft.rfft2(torch.from_numpy(np.ascontiguousarray(denoised, dtype=np.float32)))
         out = torch.fft.irfft2(a * f + c * y, s=noisy.shape[-2:])
         return out.numpy().astype(np.float32, copy=False)
+
+
+def noise_colour(images: np.ndarray) -> float:
+    """Relative change of the noise power from 0.3-0.4 to 0.4-0.5 cycles/px, measured in the
+    image corners outside the inscribed disk (each corner set's mean removed): 0 for white
+    noise, negative where a detector's transfer function damps the high frequencies.
+
+    Only the high frequencies are compared because the particle (and its CTF fringes) reaches
+    the corners at low frequencies; a mask of any shape leaves white noise white
+    (E|FFT(w n)|^2 = sigma^2 sum w^2), so on white noise the ratio is 1 within the sampling error
+    (~1e-3 for 1,000 images of 64 px)."""
+    from cryosift.denoise.cwf import _disk_coordinates
+
+    images = np.asarray(images, dtype=np.float32)
+    box = images.shape[-1]
+    corner = torch.from_numpy(~_disk_coordinates(box)[0]).double()
+    ky = torch.fft.fftfreq(box, dtype=torch.float64).abs()
+    kx = torch.fft.rfftfreq(box, dtype=torch.float64)
+    radius = torch.sqrt(ky[:, None] ** 2 + kx[None, :] ** 2)
+    _, weight, _ = _rfft_rings(box)
+    low = weight * ((radius >= 0.3) & (radius < 0.4))
+    high = weight * ((radius >= 0.4) & (radius <= 0.5))
+    p_low = p_high = 0.0
+    for start in range(0, len(images), 256):
+        x = torch.from_numpy(images[start : start + 256]).double() * corner
+        x = x - (x.sum((-2, -1), keepdim=True) / corner.sum()) * corner
+        power = torch.fft.rfft2(x).abs() ** 2
+        p_low += float((power * low).sum())
+        p_high += float((power * high).sum())
+    if not p_low > 0:
+        raise CryosiftError("the image corners hold no noise")
+    return (p_high / float(high.sum())) / (p_low / float(low.sum())) - 1.0
 
 
 def fit_sure_blend(
