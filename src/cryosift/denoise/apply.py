@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from cryosift.denoise.networks import snr_condition
-from cryosift.denoise.sure import WHITE_TOLERANCE, SureBlend, fit_sure_blend, noise_colour
+from cryosift.denoise.sure import WHITE_TOLERANCE, SureBlend, fit_sure_blend
 from cryosift.errors import CryosiftError
 from cryosift.filters.base import BatchContext, Filter
 from cryosift.filters.parallel import in_worker, run_on_threads, single_threaded_torch
@@ -143,6 +143,8 @@ def fit_blend(filt: NetworkFilter, source: Any, max_images: int = SURE_FIT_IMAGE
     ``sure``: True fits it; False returns None; "auto" fits it only when the noise in the
     image corners is white within :data:`cryosift.denoise.sure.WHITE_TOLERANCE` (SURE's
     assumption), and otherwise says why in the log and returns None."""
+    from cryosift.denoise.cwf import corner_statistics
+
     sure = check_sure(sure)
     if sure is False:
         return None
@@ -154,15 +156,18 @@ def fit_blend(filt: NetworkFilter, source: Any, max_images: int = SURE_FIT_IMAGE
         log.info("SURE output stage skipped: %d images are too few to fit it on (at least %d)",
                  len(pick), SURE_MIN_IMAGES)
         return None
-    why = _not_white(pick) if sure == "auto" else ""
     plain = NetworkFilter(filt.model, filt.meta, filt.device, filt.batch, tta=filt.tta,
                           snr=filt.snr)
     ctx = BatchContext(pixel_size=getattr(source, "pixel_size", None))
     plain.check(ctx.pixel_size, pick.shape[-1])  # a model that does not fit the images is an error
     try:
-        if why:
-            raise CryosiftError(why)
-        blend = fit_sure_blend(lambda y: plain(y, ctx), pick, seed=seed)
+        corners = corner_statistics(pick)  # one pass: the noise's variance and colour
+        if sure == "auto" and abs(corners.colour) > WHITE_TOLERANCE:
+            raise CryosiftError(
+                f"the noise is not white (its power changes by {100 * corners.colour:+.0f}% from "
+                "0.3-0.4 to 0.4-0.5 cycles/px in the image corners; SURE assumes white noise)")
+        blend = fit_sure_blend(lambda y: plain(y, ctx), pick, noise_var=corners.noise_var,
+                               seed=seed)
     except CryosiftError as exc:
         if sure is True:
             raise
@@ -175,18 +180,6 @@ def fit_blend(filt: NetworkFilter, source: Any, max_images: int = SURE_FIT_IMAGE
 
 #: fewest images on which ``sure="auto"`` fits the stage (two halves for its cross-validation)
 SURE_MIN_IMAGES = 16
-
-
-def _not_white(images: np.ndarray) -> str:
-    """Why SURE's white-noise model does not fit ``images`` ("" when it does)."""
-    try:
-        colour = noise_colour(images)
-    except CryosiftError as exc:
-        return str(exc)
-    if abs(colour) > WHITE_TOLERANCE:
-        return (f"the noise is not white (its power changes by {100 * colour:+.0f}% from "
-                "0.3-0.4 to 0.4-0.5 cycles/px in the image corners; SURE assumes white noise)")
-    return ""
 
 
 def check_sure(sure: bool | str) -> bool | str:

@@ -343,11 +343,16 @@ class _CornerStatistics:
         self.n_corner = int(self.corner.sum())
         fy = torch.fft.fftfreq(box, dtype=torch.float64)[:, None]
         fx = torch.fft.rfftfreq(box, dtype=torch.float64)[None, :]
-        high = (fx**2 + fy**2).sqrt() >= NOISE_MIN_FREQ
-        self.weight = _rfft_weights(box) * high
+        radius = (fx**2 + fy**2).sqrt()
+        self.weight = _rfft_weights(box) * (radius >= NOISE_MIN_FREQ)
         self.count = float(self.weight.sum())
+        # two bands of the noise-only frequencies, compared by `colour`
+        self.lower = _rfft_weights(box) * ((radius >= NOISE_MIN_FREQ) & (radius < 0.4))
+        self.upper = _rfft_weights(box) * ((radius >= 0.4) & (radius <= 0.5))
         self.sum_level = 0.0
         self.sum_power = 0.0
+        self.sum_lower = 0.0
+        self.sum_upper = 0.0
         self.n = 0
 
     def add(self, images: torch.Tensor) -> None:
@@ -357,6 +362,8 @@ class _CornerStatistics:
         spectrum = torch.fft.rfft2((x - level[:, None, None]) * corner)
         power = spectrum.real**2 + spectrum.imag**2
         self.sum_power += float((power * self.weight).sum())
+        self.sum_lower += float((power * self.lower).sum())
+        self.sum_upper += float((power * self.upper).sum())
         self.sum_level += float(level.sum())
         self.n += x.shape[0]
 
@@ -368,14 +375,29 @@ class _CornerStatistics:
     def noise_var(self) -> float:
         return self.sum_power / max(self.n * self.count * self.n_corner, 1.0)
 
+    @property
+    def colour(self) -> float:
+        """Relative change of the corners' noise power per frequency from 0.3-0.4 to 0.4-0.5
+        cycles/px: 0 for white noise (see :func:`cryosift.denoise.sure.noise_colour`)."""
+        if not self.sum_lower > 0:
+            raise CryosiftError("the image corners hold no noise")
+        upper = self.sum_upper / float(self.upper.sum())
+        return upper / (self.sum_lower / float(self.lower.sum())) - 1.0
 
-def estimate_noise_var(images: Any, chunk: int = 1024) -> float:
-    """White-noise variance of a stack from its corners' high-frequency power (module doc)."""
+
+def corner_statistics(images: Any, chunk: int = 1024) -> _CornerStatistics:
+    """Background level, white-noise variance and noise colour of a stack (N, box, box), from
+    the corners outside the disk, in one pass of ``chunk`` images at a time."""
     arr = _check_stack(images)
     stats = _CornerStatistics(arr.shape[-1])
     for start in range(0, len(arr), chunk):
         stats.add(_load(arr, slice(start, start + chunk)))
-    return stats.noise_var
+    return stats
+
+
+def estimate_noise_var(images: Any, chunk: int = 1024) -> float:
+    """White-noise variance of a stack from its corners' high-frequency power (module doc)."""
+    return corner_statistics(images, chunk).noise_var
 
 
 def estimate_snr(images: Any, max_images: int = 2000, chunk: int = 256) -> float:

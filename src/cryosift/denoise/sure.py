@@ -223,27 +223,9 @@ def noise_colour(images: np.ndarray) -> float:
     the corners at low frequencies; a mask of any shape leaves white noise white
     (E|FFT(w n)|^2 = sigma^2 sum w^2), so on white noise the ratio is 1 within the sampling error
     (~1e-3 for 1,000 images of 64 px)."""
-    from cryosift.denoise.cwf import _disk_coordinates
+    from cryosift.denoise.cwf import corner_statistics
 
-    images = np.asarray(images, dtype=np.float32)
-    box = images.shape[-1]
-    corner = torch.from_numpy(~_disk_coordinates(box)[0]).double()
-    ky = torch.fft.fftfreq(box, dtype=torch.float64).abs()
-    kx = torch.fft.rfftfreq(box, dtype=torch.float64)
-    radius = torch.sqrt(ky[:, None] ** 2 + kx[None, :] ** 2)
-    _, weight, _ = _rfft_rings(box)
-    low = weight * ((radius >= 0.3) & (radius < 0.4))
-    high = weight * ((radius >= 0.4) & (radius <= 0.5))
-    p_low = p_high = 0.0
-    for start in range(0, len(images), 256):
-        x = torch.from_numpy(images[start : start + 256]).double() * corner
-        x = x - (x.sum((-2, -1), keepdim=True) / corner.sum()) * corner
-        power = torch.fft.rfft2(x).abs() ** 2
-        p_low += float((power * low).sum())
-        p_high += float((power * high).sum())
-    if not p_low > 0:
-        raise CryosiftError("the image corners hold no noise")
-    return (p_high / float(high.sum())) / (p_low / float(low.sum())) - 1.0
+    return corner_statistics(np.asarray(images, dtype=np.float32)).colour
 
 
 def fit_sure_blend(
