@@ -352,11 +352,16 @@ def cwf(stack: Path, out_star: Path, max_fit_images: int, noise_var: float | Non
 @click.option("--widths", default="8,16,32", show_default=True,
               help="Encoder widths (004's figure: 32,64,128).")
 @click.option("--single", is_flag=True, help="004's single-DAE baseline: one block, low->clean.")
+@click.option(
+    "--skip/--no-skip", default=True, show_default=True,
+    help="Identity skips around blocks 2 and 3 (each then corrects the blocks before it); "
+    "--no-skip: 004's plain cascade.",
+)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
 def pretrain_cdae_command(
     structure: Path, out_dir: Path, box: int, pixel_size: float, views: int, n_per_view: int,
-    snrs: str, epochs: int, widths: str, single: bool, seed: int, device: str,
+    snrs: str, epochs: int, widths: str, single: bool, skip: bool, seed: int, device: str,
 ) -> None:
     """Phase 1 of seed 004: pre-train the cascade on images simulated from STRUCTURE (a
     protein other than the target); the weights are then fine-tuned on any stack by
@@ -384,5 +389,5 @@ def pretrain_cdae_command(
         if single:
             pretrain_single_dae(structure, tmp, snr=snr_list[0], **common)
         else:
-            pretrain_cdae(structure, tmp, snrs=snr_list, **common)
+            pretrain_cdae(structure, tmp, snrs=snr_list, skip=skip, **common)
     log.info("pre-trained %s in %s", "DAE" if single else "cascade", out_dir / "model.pt")

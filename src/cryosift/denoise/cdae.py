@@ -19,6 +19,19 @@ The blocks are fully convolutional (reflect-padded to a multiple of 8, cropped b
 standardise each image inside ``forward`` (restored after, as the U-Net of networks.py does), so a
 block is exactly equivariant to per-image affine intensity changes and serves stacks of any scale.
 
+Skips between blocks (``CDAE(skip=True)``, the default of :func:`pretrain_cdae` and of the bench's
+``cdae``; ``skip=False`` / ``cdae_plain`` is 004's cascade as published). Each block is the same
+autoencoder, but blocks 2 and 3 output their input plus their decoder's output, and their last
+convolution starts at zero, so each starts as the identity and learns a correction to what the
+blocks before it produced: the cascade then works as boosting. Why: in 004's plain cascade every
+block must rebuild the whole image through its 8x8 bottleneck, and block j > 1 is trained on the
+same k-NN targets as block 1 from an input that has lost information, so it cannot do better than
+block 1 and, measured, does worse (its error is mostly bias - what the autoencoder cannot draw -
+not leftover noise; on B2 SpCas9 the single DAE's error is 80 % bias). A block that only adds
+a correction keeps what block 1 drew and removes part of that bias: per block on B2 (4,000
+images, 4 epochs each), PSNR 24.18 -> 24.48 -> 24.49 (SpCas9) where the plain cascade goes
+24.18 -> 24.03 -> 22.80.
+
 Training (Algorithm 1 of 004; Figure 1):
 
 * Phase 1, pre-training (:func:`pretrain_cdae`) on simulated images of a structure *other* than
@@ -64,24 +77,29 @@ Choices where 004 is silent (see also the parameters):
   so that the output stays on the stack's intensity scale (PSNR against the clean images is
   then meaningful; 004 compared images on a common grey scale).
 
-Measured (B2-like, 64 px at 3 Å, SNR 0.1, 4 views, no in-plane rotation; pre-trained on TRPV1
-at the bench defaults, one run, PSNR in dB, single DAE / cascade):
-4000 images: GroEL 20.80 / 20.28, SpCas9 23.97 / 22.50, T20S 21.80 / 21.53 (raw 3.4 / 4.9 / 4.2);
-400 images (bench --quick settings): 19.71 / 19.19, 23.43 / 23.17, 21.11 / 21.12. With histogram
-equalisation the cascade is ahead (4000: 17.69 / 18.49, 9.44 / 10.79, 14.49 / 16.35). So the
-cascade does *not* reproduce 004's PSNR gain over the single DAE here: once the neighbours are
-found accurately on the raw images, later blocks receive no better targets than block 1 and,
-being autoencoders without skip connections, mostly lose detail (per block, 400 SpCas9 images:
-22.91, 22.89, 22.73). It wins when block 1 is under-trained (2 epochs: 19.0 / 22.5 on SpCas9).
-004's own single-DAE baseline (its section 4.3: the same block trained on the k-NN means only,
-no simulated pre-training; bench method ``dae_knn``, 12 epochs) is as good again: bench B2
---quick, PSNR dae_knn / dae / cdae: GroEL 20.07 / 19.74 / 19.17, SpCas9 23.18 / 23.11 / 22.91,
-T20S 21.47 / 21.51 / 21.48. On these stacks the k-NN-mean targets carry the gain, not the
-pre-training nor the cascade. Full bench B2 (4,000 images per protein,
-`benchmarks/results/bench_B2`), PSNR single DAE / cascade on GroEL, SpCas9, T20S: plain
-20.47 / 19.97, 24.15 / 22.80, 22.28 / 21.91; with HEE 15.51 / 17.13, 9.58 / 11.38,
-15.00 / 16.59 (the cascade ahead on all three, as 004 reports with HEE); with the SURE output
-stage (:mod:`cryosift.denoise.sure`) 20.77 / 20.95, 24.36 / 24.11, 22.55 / 22.75.
+Measured: full bench B2 (`benchmarks/results/bench_B2`; 4,000 images of 64 px at 3 Å/px per
+protein, SNR 0.1, 4 views, no in-plane rotation; phase 1 on TRPV1, 4 fine-tuning epochs per
+block), PSNR in dB on GroEL / SpCas9 / T20S:
+
+* cascade with skips (``cdae``): 21.10 / 24.60 / 22.88; single DAE (``dae``, one block, same
+  pre-training and epochs): 20.47 / 24.15 / 22.28; 004's own single-DAE baseline (``dae_knn``:
+  k-NN means only, 12 epochs, the cascade's compute): 20.71 / 24.34 / 22.73; 004's plain cascade
+  (``cdae_plain``): 19.97 / 22.80 / 21.91. So the cascade beats the single DAE on every test
+  protein only with the skips; the plain cascade's blocks 2 and 3 lower the PSNR (per block,
+  SpCas9: 24.18, 24.03, 22.80).
+* with the SURE output stage (:mod:`cryosift.denoise.sure`): cdae 21.27 / 24.73 / 22.99, dae
+  20.77 / 24.36 / 22.55.
+* with 004's histogram equalisation (HEE), which costs 5-15 dB everywhere: the plain cascade is
+  ahead of the single DAE (17.13 / 11.38 / 16.59 against 15.51 / 9.58 / 15.00, as 004 reports
+  it), the cascade with skips is not (14.65 / 8.54 / 14.48): HEE rewards outputs whose grey levels
+  spread evenly, not closeness to the clean image.
+
+The plain cascade's failure is the finding that led to the skips: once the neighbours are found
+accurately on the raw images (PCA features; 99.7 % same-view pairs on GroEL), later blocks get
+no better targets than block 1, and without skips each block must redraw the whole image.
+Pre-training blocks 2 and 3 with skips on white-noise pairs teaches them little (their correction
+would have to be the noise itself, which the bottleneck cannot draw: block 3's validation loss
+0.625 -> 0.603); they learn their corrections in fine-tuning, from block 1's real output.
 
 Weights are saved with :func:`save_cdae` as a state_dict plus metadata (architecture, number of
 blocks, pre-training parameters) and read back with ``torch.load(weights_only=True)`` by
@@ -210,6 +228,10 @@ class DAEBlock(nn.Module):
             nn.Conv2d(c1, 1, 3, padding=1),
         )
 
+    #: set by :class:`CDAE` on the blocks after the first of a cascade with skips: the block
+    #: then outputs its input plus its decoder's output (in the input's units)
+    residual: bool = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mean = x.mean(dim=(-2, -1), keepdim=True)
         std = x.std(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
@@ -219,7 +241,7 @@ class DAEBlock(nn.Module):
         if ph or pw:
             z = F.pad(z, (0, pw, 0, ph), mode="reflect")
         z = self.decoder(self.encoder(z))[..., :h, :w]
-        return z * std + mean
+        return x + z * std if self.residual else z * std + mean
 
 
 def parameter_count(widths: Sequence[int] = DEFAULT_WIDTHS) -> int:
@@ -237,14 +259,25 @@ def parameter_count(widths: Sequence[int] = DEFAULT_WIDTHS) -> int:
 class CDAE(nn.Module):
     """Blocks applied in sequence; ``forward(x, upto=j)`` runs the first j blocks only.
 
-    ``n_blocks=1`` is the single DAE of 004 (same block, same code paths)."""
+    ``n_blocks=1`` is the single DAE of 004 (same block, same code paths). ``skip=True`` (the
+    default of :func:`pretrain_cdae`; 004's cascade is ``skip=False``) adds an identity skip
+    around every block after the first: block j > 1 outputs x_j + its decoder's output, and its
+    last convolution starts at zero, so a new block starts as the identity and its training
+    only has to correct what the blocks before it got wrong (see the module docstring)."""
 
-    def __init__(self, config: DAEConfig = DAEConfig(), n_blocks: int = 3) -> None:
+    def __init__(self, config: DAEConfig = DAEConfig(), n_blocks: int = 3,
+                 skip: bool = False) -> None:
         super().__init__()
         if n_blocks < 1:
             raise CryosiftError(f"a cascade needs at least one block, got {n_blocks}")
         self.config = config
+        self.skip = bool(skip)
         self.blocks = nn.ModuleList(DAEBlock(config) for _ in range(n_blocks))
+        for block in self.blocks[1:] if self.skip else ():
+            block.residual = True
+            last = block.decoder[-1]
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
 
     @property
     def n_blocks(self) -> int:
@@ -269,6 +302,7 @@ def save_cdae(path: str | Path, cascade: CDAE, meta: dict[str, Any]) -> None:
         **meta,
         "architecture": cascade.config.to_dict(),
         "n_blocks": cascade.n_blocks,
+        "skip": cascade.skip,
     }
     payload = {
         "format": FORMAT,
@@ -293,7 +327,10 @@ def load_cdae(path: str | Path, device: torch.device | str = "cpu") -> tuple[CDA
         raise InputError("not a cryosift CDAE model (format tag missing)", path)
     meta = payload.get("meta") or {}
     try:
-        model = CDAE(DAEConfig.from_dict(meta["architecture"]), int(meta["n_blocks"]))
+        skip = meta.get("skip", False)  # files written before skips existed have none
+        if not isinstance(skip, bool):
+            raise ValueError(f"skip must be true or false, got {skip!r}")
+        model = CDAE(DAEConfig.from_dict(meta["architecture"]), int(meta["n_blocks"]), skip)
         model.load_state_dict(payload["state_dict"])
     except (KeyError, ValueError, TypeError, RuntimeError, CryosiftError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -476,6 +513,7 @@ def _pretrain(
     lr: float,
     augment: bool,
     noise: str = "independent",
+    skip: bool = False,
 ) -> dict:
     t0 = time.time()
     out_dir = Path(out_dir)
@@ -490,7 +528,7 @@ def _pretrain(
     config = DAEConfig(widths=tuple(int(w) for w in widths))  # type: ignore[arg-type]
     torch.manual_seed(seed)
     n_blocks = 3 if kind == "cdae" else 1
-    model = CDAE(config, n_blocks)
+    model = CDAE(config, n_blocks, skip=skip)
     if kind == "cdae":
         stages = [(snrs[0], snrs[1]), (snrs[1], snrs[2]), (snrs[2], "clean")]
     else:
@@ -508,6 +546,7 @@ def _pretrain(
         "n_per_view": n_per_view, "views": views, "snrs": list(snrs), "epochs": epochs,
         "seed": seed, "widths": list(config.widths), "batch_size": batch_size, "lr": lr,
         "augment": augment, "noise": noise, "device": str(device),
+        **({"skip": model.skip} if kind == "cdae" else {}),
     }
     meta = {"method": kind, "phase": "pretrained", "pixel_size": sim["pixel_size"],
             "train_box": box, "pretrain": params}
@@ -534,15 +573,17 @@ def pretrain_cdae(
     lr: float = 1e-3,
     augment: bool = True,
     noise: str = "independent",
+    skip: bool = True,
 ) -> dict:
     """Phase 1 of 004: simulate `structure` at SNR_low/mid/high/clean and train block 1 on
-    low -> mid, block 2 on mid -> high, block 3 on high -> clean.
+    low -> mid, block 2 on mid -> high, block 3 on high -> clean. ``skip``: identity skips
+    around blocks 2 and 3 (:class:`CDAE`; False: 004's plain cascade).
 
     Writes OUT_DIR/model.pt (+ model.json) loadable by :func:`load_cdae`, and pretrain.json
     (parameters, simulation record, per-block loss history). Returns the pretrain.json record.
     """
     return _pretrain("cdae", structure, out_dir, box, pixel_size, n_per_view, views, snrs,
-                     epochs, seed, device, widths, batch_size, lr, augment, noise)
+                     epochs, seed, device, widths, batch_size, lr, augment, noise, skip)
 
 
 def pretrain_single_dae(
@@ -771,7 +812,7 @@ def finetune_and_save(
                 path,
             )
     model, summary = finetune_cdae(cascade, images, copy_model=False, **finetune)
-    new_meta = {**{k: v for k, v in meta.items() if k not in ("architecture", "n_blocks")},
+    new_meta = {**{k: v for k, v in meta.items() if k not in ("architecture", "n_blocks", "skip")},
                 "phase": "finetuned", "pixel_size": pixel_size, "train_box": images.shape[-1],
                 "histeq": bool(histeq), "pretrained_from": str(path)}
     record = {"finetune": summary, "pretrained_meta": meta, "provenance": provenance or {}}
@@ -819,21 +860,24 @@ def cache_root() -> Path:
 
 
 def shipped_pretrained(kind: str, box: int, pixel_size: float, params: dict) -> Path | None:
-    """The phase-1 weights shipped in the package (trained by `cryosift denoise pretrain-cdae`
-    on TRPV1 at 64 px, 3 Å/px with the benchmark defaults) when they are exactly what
-    `params` asks for; else None."""
+    """The phase-1 weights shipped in the package (trained by scripts/train_cdae_weights.py on
+    TRPV1 at 64 px, 3 Å/px with the benchmark defaults: ``cdae-*`` with skips, ``cdae_plain-*``
+    without, ``dae-*``) when they are exactly what `params` asks for; else None."""
     from importlib import resources
 
-    path = Path(str(resources.files("cryosift") / "data" / "models"
-                    / f"{kind}-trpv1-box{box}-px{pixel_size:g}.pt"))
-    if not path.is_file():
-        return None
-    done = load_cdae(path)[1].get("pretrain", {})
     wanted = {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in params.items()}
     if kind == "dae" and "snr" in wanted:  # recorded as the one-element list of SNRs
         wanted["snrs"] = [wanted.pop("snr")]
-    same = all(done.get(k) == v for k, v in wanted.items())
-    return path if same and done.get("noise", "independent") == "independent" else None
+    names = [kind] + (["cdae_plain"] if kind == "cdae" else [])
+    for name in names:
+        path = Path(str(resources.files("cryosift") / "data" / "models"
+                        / f"{name}-trpv1-box{box}-px{pixel_size:g}.pt"))
+        if not path.is_file():
+            continue
+        done = {"skip": False, "noise": "independent", **load_cdae(path)[1].get("pretrain", {})}
+        if done["noise"] == "independent" and all(done.get(k) == v for k, v in wanted.items()):
+            return path
+    return None
 
 
 def pretrained_cached(kind: str, box: int, pixel_size: float, **params: Any) -> tuple[CDAE, Path]:
@@ -865,12 +909,13 @@ def pretrained_cached(kind: str, box: int, pixel_size: float, **params: Any) -> 
 def _starting_model(
     kind: str, box: int, pixel_size: float, pre: dict[str, Any], seed: int
 ) -> tuple[CDAE, Path | str]:
-    """What a bench method fine-tunes: the cached phase-1 weights of "cdae" / "dae", or for
-    "dae_knn" (004 section 4.3: no simulated pre-training) one block of random weights."""
+    """What a bench method fine-tunes: the cached phase-1 weights of "cdae" / "cdae_plain" /
+    "dae", or for "dae_knn" (004 section 4.3: no simulated pre-training) one block of random
+    weights."""
     if kind == "dae_knn":
         torch.manual_seed(int(seed))
         return CDAE(DAEConfig(widths=tuple(pre["widths"])), n_blocks=1), "none (random weights)"
-    return pretrained_cached(kind, box, pixel_size, **pre)
+    return pretrained_cached("dae" if kind == "dae" else "cdae", box, pixel_size, **pre)
 
 
 # cdae, cdae+histeq and cdae+sure share one fine-tuned model: (model, its output, record)
@@ -888,8 +933,9 @@ def _bench(kind: str, histeq: bool, sure: bool = False):
                 "epochs": int(p["pretrain_epochs"]), "widths": list(p["widths"]),
                 "seed": int(p["pretrain_seed"]),
             }
-            if kind == "cdae":
+            if kind.startswith("cdae"):
                 pre["snrs"] = list(p["snrs"])
+                pre["skip"] = kind == "cdae"
             else:
                 pre["snr"] = float(p["snrs"][0])
             fine = {k: v for k, v in p.items() if k not in pre_keys and k != "snrs"}
@@ -936,7 +982,9 @@ BENCH_QUICK: dict[str, Any] = {"n_per_view": 250, "pretrain_epochs": 4, "epochs"
 _PRETRAINED = "pre-trained on simulated TRPV1 3J5P, fine-tuned with k-nearest-neighbour means"
 #: kind -> (label, how it is trained, fine-tuning epochs as a multiple of the cascade's)
 _KINDS = {
-    "cdae": ("CDAE cascade of 3 DAEs", _PRETRAINED, 1),
+    "cdae": ("CDAE cascade of 3 DAEs with identity skips around blocks 2 and 3", _PRETRAINED,
+             1),
+    "cdae_plain": ("CDAE cascade of 3 DAEs as 004 builds it (no skips)", _PRETRAINED, 1),
     "dae": ("single DAE (one block)", _PRETRAINED, 1),
     "dae_knn": ("single DAE (one block)", "trained from random weights on the stack's "
                 "k-nearest-neighbour means only, as 004's own single-DAE baseline (section 4.3); "
