@@ -464,9 +464,7 @@ def _run_chunk(
     with worker_mode():
         src = _cached(source.key(), source.open)
         fn = _cached((*source.key(), *op.key()), lambda: op.build(src))
-        images = src.images(slice(start, stop))
-        src.release_pages()
-        out = fn(images, start, stop)
+        out = fn(src.images(slice(start, stop)), start, stop)  # pages released by images()
     if target is None:
         return start, stop, out
     from cryosift.io.mrc import write_images_at

@@ -524,10 +524,7 @@ def _read(src: Any, s: int, e: int, flip: tuple[Any, float] | None = None) -> np
     if isinstance(src, np.ndarray):
         x = np.asarray(src[s:e], np.float32)
     else:
-        x = src.images(slice(s, e))
-        release = getattr(src, "release_pages", None)
-        if release is not None:  # memory-mapped pages read so far leave the resident set
-            release()
+        x = src.images(slice(s, e))  # an ImageSource drops its mapped pages after each read
     if flip is not None:
         from cryosift.classify.features import phase_flip
 

@@ -160,19 +160,23 @@ def fit_blend(filt: NetworkFilter, source: Any, max_images: int = SURE_FIT_IMAGE
                           snr=filt.snr)
     ctx = BatchContext(pixel_size=getattr(source, "pixel_size", None))
     plain.check(ctx.pixel_size, pick.shape[-1])  # a model that does not fit the images is an error
+    blend, why = None, None
     try:
         corners = corner_statistics(pick)  # one pass: the noise's variance and colour
         if sure == "auto" and abs(corners.colour) > WHITE_TOLERANCE:
-            raise CryosiftError(
-                f"the noise is not white (its power changes by {100 * corners.colour:+.0f}% from "
-                "0.3-0.4 to 0.4-0.5 cycles/px in the image corners; SURE assumes white noise)")
-        blend = fit_sure_blend(lambda y: plain(y, ctx), pick, noise_var=corners.noise_var,
-                               seed=seed)
-    except CryosiftError as exc:
+            why = (f"the noise is not white (its power changes by {100 * corners.colour:+.0f}% "
+                   "from 0.3-0.4 to 0.4-0.5 cycles/px in the image corners; SURE assumes white "
+                   "noise)")
+        else:
+            blend = fit_sure_blend(lambda y: plain(y, ctx), pick, noise_var=corners.noise_var,
+                                   seed=seed)
+    except CryosiftError as exc:  # e.g. corners without noise: an error only when forced
         if sure is True:
             raise
+        why = str(exc)
+    if blend is None:
         log.warning("SURE output stage skipped: %s. --sure fits it anyway, --no-sure "
-                    "silences this.", exc)
+                    "silences this.", why)
         return None
     log.info("%s", blend.summary())
     return blend
